@@ -1,0 +1,1 @@
+"""moekit: Mixture-of-Experts toolkit for PyTorch."""
