@@ -1,0 +1,117 @@
+"""Local dispatch: group routed rows by expert, and put expert outputs back.
+
+``plan_dispatch`` sorts the T·K assignments by expert id (stable), applies
+capacity (token dropping) and padding, and records the permutation;
+``gather_rows`` builds the expert-sorted rows, ``combine_rows`` un-permutes and
+takes the weighted sum over each token's K assignments in float32.
+
+Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows
+(T·K when nothing is dropped or padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each routed row comes from and goes back to.
+
+    Attributes:
+        order_R: flat assignment index (t·K + k) of each routed row, sorted by expert.
+        counts_E: rows per expert (long).
+        kept_TK: assignments that reached an expert, or None when all did.
+        num_dropped: assignments of real tokens dropped for capacity (0-dim long).
+        top_k: K.
+    """
+
+    order_R: Tensor
+    counts_E: Tensor
+    kept_TK: Tensor | None
+    num_dropped: Tensor
+    top_k: int
+
+    @property
+    def token_R(self) -> Tensor:
+        return self.order_R // self.top_k
+
+    @property
+    def dropless(self) -> bool:
+        return self.kept_TK is None
+
+
+def plan_dispatch(
+    indices_TK: Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+    priority_TK: Tensor | None = None,
+    drop_priority: str = "probability",
+    valid_T: Tensor | None = None,
+) -> DispatchPlan:
+    """Sort assignments by expert; drop those over capacity and those of padding.
+
+    With ``capacity`` set, each expert keeps at most ``capacity`` assignments:
+    by ``drop_priority="probability"`` the highest ``priority_TK`` first, by
+    ``"position"`` first choices before second choices and earlier tokens first.
+    The dropless, unpadded case needs no host sync.
+    """
+    T, K = indices_TK.shape
+    device = indices_TK.device
+    flat_E = indices_TK.reshape(-1)
+    if capacity is None and valid_T is None:
+        order_R = torch.argsort(flat_E, stable=True)
+        counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
+        counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
+        return DispatchPlan(order_R, counts_E, None, torch.zeros((), dtype=torch.long, device=device), K)
+
+    # Padding goes to a sentinel expert E, which sorts last and is cut off below.
+    if valid_T is not None:
+        flat_E = torch.where(valid_T.repeat_interleave(K), flat_E, num_experts)
+    if capacity is None:
+        candidate_order = torch.arange(T * K, device=device)
+    elif drop_priority == "probability":
+        candidate_order = torch.argsort(-priority_TK.reshape(-1), stable=True)
+    else:
+        # Slot-major: every token's first choice ranks above any second choice.
+        candidate_order = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+    sorted_order = candidate_order[torch.argsort(flat_E[candidate_order], stable=True)]
+    sorted_expert = flat_E[sorted_order]
+    all_counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    all_counts.scatter_add_(0, flat_E, torch.ones_like(flat_E))
+    starts = all_counts.cumsum(0) - all_counts
+    rank_in_expert = torch.arange(T * K, device=device) - starts[sorted_expert]
+    keep_sorted = sorted_expert < num_experts
+    if capacity is not None:
+        keep_sorted &= rank_in_expert < capacity
+    order_R = sorted_order[keep_sorted]  # NOTE: boolean indexing syncs with the device
+    counts_E = all_counts[:num_experts]
+    if capacity is not None:
+        counts_E = counts_E.clamp(max=capacity)
+    kept_flat = torch.zeros(T * K, dtype=torch.bool, device=device)
+    kept_flat[order_R] = True
+    real_assignments = all_counts[:num_experts].sum()
+    return DispatchPlan(order_R, counts_E, kept_flat.view(T, K), real_assignments - counts_E.sum(), K)
+
+
+def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Rows of x for each routed assignment, sorted by expert: (R, D)."""
+    return x_TD[plan.token_R]
+
+
+def combine_rows(y_RD: Tensor, weights_TK: Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> Tensor:
+    """y_TD = Σ_k weights_TK·y for each token's kept assignments, in the weights' dtype."""
+    T, K = weights_TK.shape
+    D = y_RD.shape[-1]
+    if plan.dropless:
+        inverse_R = torch.empty_like(plan.order_R)
+        inverse_R[plan.order_R] = torch.arange(plan.order_R.numel(), device=y_RD.device)
+        y_TKD = y_RD[inverse_R].view(T, K, D)
+    else:
+        y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, plan.order_R, y_RD).view(T, K, D)
+    y_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
+    return y_TD.to(out_dtype)

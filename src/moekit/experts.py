@@ -1,0 +1,166 @@
+"""Experts: stacked FFN / GLU weights run by one grouped multiply, or any modules.
+
+Stacked weights use the ``nn.Linear`` layout per expert, (out, in), stacked on
+dim 0, so expert parallelism shards dim 0 and one ``grouped_mm`` runs them all:
+``w_in`` is (E, F, D) for ``ffn`` and (E, 2F, D) for GLU experts (gate rows
+first, then up rows), ``w_out`` is (E, D, F).
+
+Shapes: R routed rows (sorted by expert), D model dim, F expert hidden dim,
+E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+EXPERTS = ("swiglu", "geglu", "ffn")
+_GLU_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's backward rejects expanded gradients (those of ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def run_segments(experts: nn.Module, x_RD: Tensor, counts: list[int]) -> Tensor:
+    """Apply ``experts.forward_expert(e, ·)`` to each expert's contiguous block of rows."""
+    pieces = [
+        experts.forward_expert(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0
+    ]
+    if not pieces:
+        return x_RD.new_zeros(0, x_RD.shape[1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class StackedExperts(nn.Module):
+    """E experts of one kind with stacked weights.
+
+    Args:
+        num_experts: E.
+        d_model: D.
+        d_ff: F, the hidden width of each expert.
+        kind: ``swiglu``, ``geglu`` (gated) or ``ffn`` (plain two-layer MLP).
+        activation: activation of ``ffn`` experts (``relu``, ``gelu``, ``silu``).
+        bias: add biases to both projections.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        kind: str = "swiglu",
+        activation: str = "gelu",
+        bias: bool = False,
+    ):
+        super().__init__()
+        if kind not in EXPERTS:
+            raise ValueError(f"unknown expert {kind!r}; valid experts: {', '.join(EXPERTS)}")
+        activation = _GLU_ACTIVATION.get(kind, activation)
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; valid activations: {', '.join(ACTIVATIONS)}"
+            )
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.kind, self.activation = kind, activation
+        self.is_glu = kind in _GLU_ACTIVATION
+        hidden_out = 2 * d_ff if self.is_glu else d_ff
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden_out, d_model))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, hidden_out)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same scale as nn.Linear's default, per expert.
+        for weight in (self.w_in, self.w_out):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+        for bias in (self.b_in, self.b_out):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        act = ACTIVATIONS[self.activation]
+        if self.is_glu:
+            gate, up = h.chunk(2, dim=-1)
+            return act(gate) * up
+        return act(h)
+
+    def forward_expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e on its rows: the readable reference."""
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        h = F.linear(x_ND, self.w_in[e], b_in)
+        return F.linear(self._hidden(h), self.w_out[e], b_out)
+
+    def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
+        """Rows sorted by expert, one matrix multiply per non-empty expert."""
+        return run_segments(self, x_RD, counts)
+
+    def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows sorted by expert, all experts in one ``grouped_mm`` per projection."""
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        w_in, w_out = self.w_in, self.w_out
+        cast = _autocast_dtype(x_RD.device.type)
+        if cast is not None:
+            x_RD, w_in, w_out = x_RD.to(cast), w_in.to(cast), w_out.to(cast)
+        h_RF = F.grouped_mm(x_RD, w_in.transpose(-2, -1), offs=offsets_E)
+        h_RF = _ContiguousGrad.apply(h_RF)
+        if self.b_in is not None:
+            h_RF = h_RF + self.b_in.to(h_RF.dtype).repeat_interleave(counts_E, dim=0, output_size=x_RD.shape[0])
+        a_RF = self._hidden(h_RF)
+        y_RD = F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E)
+        y_RD = _ContiguousGrad.apply(y_RD)
+        if self.b_out is not None:
+            y_RD = y_RD + self.b_out.to(y_RD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_RD.shape[0])
+        return y_RD
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"kind={self.kind!r}, activation={self.activation!r}, bias={self.b_in is not None}"
+        )
+
+
+class ModuleExperts(nn.Module):
+    """Heterogeneous experts: any list of modules mapping (N, D) to (N, D)."""
+
+    def __init__(self, experts: list[nn.Module] | nn.ModuleList):
+        super().__init__()
+        if len(experts) == 0:
+            raise ValueError("experts must hold at least one module")
+        for i, expert in enumerate(experts):
+            if not isinstance(expert, nn.Module):
+                raise TypeError(f"experts[{i}] is a {type(expert).__name__}, expected an nn.Module")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward_expert(self, e: int, x_ND: Tensor) -> Tensor:
+        return self.experts[e](x_ND)
+
+    def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
+        """Rows sorted by expert, one matrix multiply per non-empty expert."""
+        return run_segments(self, x_RD, counts)

@@ -1,0 +1,123 @@
+"""Auxiliary losses for routers, as pure functions of routing tensors.
+
+Every function takes an optional float weight per token (1 real, 0 padding), so
+padding counts in no loss. Formulas: ../shared/REFERENCES.md.
+
+Shapes: T tokens, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _token_weights(num_tokens: int, token_weight_T: Tensor | None, device) -> Tensor:
+    if token_weight_T is None:
+        return torch.ones(num_tokens, device=device, dtype=torch.float32)
+    return token_weight_T.to(torch.float32)
+
+
+def assignment_counts(indices_TK: Tensor, num_experts: int, token_weight_T: Tensor | None = None) -> Tensor:
+    """Assignments per expert (E,), float32, each of the K choices counted once."""
+    T, K = indices_TK.shape
+    w_T = _token_weights(T, token_weight_T, indices_TK.device)
+    counts_E = torch.zeros(num_experts, device=indices_TK.device, dtype=torch.float32)
+    return counts_E.scatter_add_(0, indices_TK.reshape(-1), w_T.repeat_interleave(K))
+
+
+def load_balancing_loss(
+    probs_TE: Tensor, indices_TK: Tensor, token_weight_T: Tensor | None = None
+) -> Tensor:
+    """Switch/GShard loss E·Σ_i f_i·P_i, generalised to top-K.
+
+    f_i is the number of assignments to expert i over the number of tokens
+    (summed over the K slots), P_i the mean router probability of expert i.
+    Equals K under uniform routing and E under full collapse.
+    """
+    T, E = probs_TE.shape
+    w_T = _token_weights(T, token_weight_T, probs_TE.device)
+    n = w_T.sum().clamp_min(1.0)
+    f_E = assignment_counts(indices_TK, E, w_T) / n
+    P_E = (probs_TE * w_T[:, None]).sum(0) / n
+    return E * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss (1/T)·Σ_t (log Σ_j exp(logits_tj))²."""
+    T = logits_TE.shape[0]
+    w_T = _token_weights(T, token_weight_T, logits_TE.device)
+    z_T = torch.logsumexp(logits_TE, dim=-1)
+    return (z_T.square() * w_T).sum() / w_T.sum().clamp_min(1.0)
+
+
+def cv_squared(x_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, population variance / mean² (0 for one expert)."""
+    if x_E.numel() <= 1:
+        return x_E.new_zeros(())
+    return x_E.var(unbiased=False) / (x_E.mean().square() + eps)
+
+
+def importance_loss(gates_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    """Shazeer 2017: CV(Importance)², Importance_i = Σ_x G(x)_i."""
+    w_T = _token_weights(gates_TE.shape[0], token_weight_T, gates_TE.device)
+    return cv_squared((gates_TE * w_T[:, None]).sum(0))
+
+
+def load_loss(load_E: Tensor) -> Tensor:
+    """Shazeer 2017: CV(Load)², for a (smooth or counted) load per expert."""
+    return cv_squared(load_E)
+
+
+def smooth_load(
+    clean_logits_TE: Tensor,
+    noisy_logits_TE: Tensor,
+    noise_std_TE: Tensor,
+    top_k: int,
+    token_weight_T: Tensor | None = None,
+) -> Tensor:
+    """Shazeer's differentiable load estimator Load_i = Σ_x P(x, i).
+
+    P(x, i) = Φ((clean_i − kth_excluding(H, k, i)) / noise_std_i): the
+    probability that expert i stays in the top k if its noise were redrawn.
+    kth_excluding(H, k, i) is the k-th largest of H without component i: the
+    (k+1)-th largest of H when i is in the top k, the k-th largest otherwise.
+    """
+    T, E = noisy_logits_TE.shape
+    w_T = _token_weights(T, token_weight_T, noisy_logits_TE.device)
+    if top_k >= E:
+        return w_T.sum().expand(E).clone()
+    top_values_TK1, _ = noisy_logits_TE.topk(top_k + 1, dim=-1)
+    threshold_if_in_T1 = top_values_TK1[:, top_k : top_k + 1]
+    threshold_if_out_T1 = top_values_TK1[:, top_k - 1 : top_k]
+    is_in_TE = noisy_logits_TE > threshold_if_in_T1
+    normal = torch.distributions.Normal(
+        torch.zeros((), device=noisy_logits_TE.device), torch.ones((), device=noisy_logits_TE.device)
+    )
+    prob_if_in_TE = normal.cdf((clean_logits_TE - threshold_if_in_T1) / noise_std_TE)
+    prob_if_out_TE = normal.cdf((clean_logits_TE - threshold_if_out_T1) / noise_std_TE)
+    prob_TE = torch.where(is_in_TE, prob_if_in_TE, prob_if_out_TE)
+    return (prob_TE * w_T[:, None]).sum(0)
+
+
+def gates_from_topk(indices_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
+    """The sparse gate G(x) as a dense (T, E) matrix: combine weights, zero elsewhere."""
+    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
+    return gates_TE.scatter(1, indices_TK, weights_TK)
+
+
+def standard_losses(
+    logits_TE: Tensor,
+    probs_TE: Tensor,
+    indices_TK: Tensor,
+    weights_TK: Tensor,
+    token_weight_T: Tensor | None,
+) -> dict[str, Tensor]:
+    """The losses every router reports: load balance, z-loss, importance, counted load."""
+    E = logits_TE.shape[1]
+    return {
+        "load_balance": load_balancing_loss(probs_TE, indices_TK, token_weight_T),
+        "z_loss": router_z_loss(logits_TE, token_weight_T),
+        "importance": importance_loss(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
+        "load": load_loss(assignment_counts(indices_TK, E, token_weight_T)),
+    }
