@@ -1,0 +1,290 @@
+"""A decoder-only transformer language model whose FFN is dense or a moekit MoE.
+
+Notable features:
+- pre-norm blocks with RMSNorm, rotary position embeddings (no learned positions)
+- causal self-attention through ``F.scaled_dot_product_attention``
+- the FFN is a dense SwiGLU or a ``moekit.MoE``, in every layer or every n-th layer
+- tied input and output embeddings
+- the MoE layers' auxiliary losses come back summed in ``LMOutput.aux_loss``;
+  the training loss is ``loss + aux_loss``
+- ``generate`` samples with temperature, top-k and top-p, one token at a time
+
+Shapes: B batch, S sequence length, D model dim, H heads, V vocabulary,
+T = B·S tokens as an MoE layer sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from ..layer import MoE
+from ..routing import ROUTERS, Routing
+
+# Routers that look at other tokens of the batch to route one token, so the
+# model would see the future in training and route differently at generation.
+NON_CAUSAL_ROUTERS = frozenset({"expert_choice", "soft"})
+
+
+def router_is_causal(name: str) -> bool:
+    """Whether a router decides each token's experts from that token alone."""
+    router_cls = ROUTERS.get(name)
+    if router_cls is not None and hasattr(router_cls, "causal"):
+        return bool(router_cls.causal)
+    return name not in NON_CAUSAL_ROUTERS
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    """The language model.
+
+    Args:
+        vocab_size: V.
+        context_length: longest sequence the model reads (rotary tables are this long).
+        n_layer: transformer blocks.
+        n_head: attention heads; must divide d_model.
+        d_model: D.
+        d_ff: hidden width of the dense SwiGLU FFN (layers without an MoE).
+        moe: the MoE layer's config, or None for a dense model. Its ``d_model``
+            must equal ours; its ``d_ff`` is each expert's hidden width.
+        moe_every: put the MoE in every n-th block (1: all blocks; 2: blocks 1, 3, …),
+            dense FFNs elsewhere.
+    """
+
+    vocab_size: int
+    context_length: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    moe: MoEConfig | None = None
+    moe_every: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from config.json
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide d_model ({self.d_model})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head size d_model/n_head ({self.d_model // self.n_head}) must be even for rotary embeddings")
+        if self.moe is not None:
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+            if not router_is_causal(self.moe.router):
+                raise ValueError(
+                    f"router {self.moe.router!r} is not causal: it routes a token using the other "
+                    "tokens of the batch, which leaks the future into a language model; choose a "
+                    f"causal router ({', '.join(sorted(n for n in ROUTERS if router_is_causal(n)))})"
+                )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer % self.moe_every == self.moe_every - 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(context_length: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of each position's rotation angles, (S, head_dim / 2) each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (first half, second half) pair of x (B, H, S, hd) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, D = x.size()  # batch size, sequence length, model dim
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, hd)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: the same computation as one moekit ``swiglu`` expert."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, layer: int):
+        super().__init__()
+        self.norm_attn = RMSNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.norm_ffn = RMSNorm(config.d_model)
+        self.is_moe = config.is_moe_layer(layer)
+        if self.is_moe:
+            self.ffn = MoE(config.moe, name=f"block {layer} MoE")
+            self.needs_token_ids = config.moe.router == "hash"  # hash routing reads token ids
+        else:
+            self.ffn = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None, Routing | None]:
+        x = x + self.attn(self.norm_attn(x), cos, sin)
+        h = self.norm_ffn(x)
+        if not self.is_moe:
+            return x + self.ffn(h), None, None
+        extra = {"token_ids": idx} if self.needs_token_ids else {}
+        out = self.ffn(h, **extra)
+        return x + out.y, out.aux_loss, out.routing
+
+
+class LMOutput(NamedTuple):
+    """logits (B, S, V); loss: mean cross-entropy (None without targets);
+    aux_loss: the MoE layers' weighted auxiliary losses, summed (0 for a dense model);
+    routings: one Routing per MoE block, in order."""
+
+    logits: Tensor
+    loss: Tensor | None
+    aux_loss: Tensor
+    routings: list[Routing]
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.norm_out = RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied embeddings
+        cos, sin = rotary_tables(config.context_length, config.d_model // config.n_head)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by depth.
+        # Experts start like the dense FFN so that the comparison is only about routing.
+        for name, p in self.named_parameters():
+            if name.endswith("experts.w_in"):
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith(("proj.weight", "ffn.w_out.weight", "experts.w_out")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, block in enumerate(self.blocks) if block.is_moe]
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or those one token uses (K of E experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active and self.config.moe is not None:
+            moe = self.config.moe
+            for block in self.blocks:
+                if block.is_moe:
+                    expert_params = sum(p.numel() for p in block.ffn.experts.parameters())
+                    total -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
+        return total
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> LMOutput:
+        B, S = idx.size()  # batch size, sequence length
+        if S > self.config.context_length:
+            raise ValueError(f"sequence length ({S}) exceeds context_length ({self.config.context_length})")
+        cos, sin = self.rotary_cos[:S], self.rotary_sin[:S]
+        x = self.embed(idx)  # (B, S, D)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        routings = []
+        for block in self.blocks:
+            x, block_aux, routing = block(x, cos, sin, idx)
+            if routing is not None:
+                aux_loss = aux_loss + block_aux
+                routings.append(routing)
+        logits = self.head(self.norm_out(x))  # (B, S, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return LMOutput(logits, loss, aux_loss, routings)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield one sampled token (B, 1) at a time after the prompt idx (B, S).
+
+        temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p keeps the
+        smallest set whose probability reaches p (nucleus sampling).
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature ({temperature}) must be >= 0")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p ({top_p}) must be in (0, 1]")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k ({top_k}) must be >= 1")
+        for _ in range(max_new_tokens):
+            # No KV cache: the small models here recompute the window in milliseconds.
+            window = idx[:, -self.config.context_length :]
+            logits = self(window).logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                next_token = sample_next(logits / temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+
+
+def sample_next(logits_BV: Tensor, top_k: int | None, top_p: float | None, generator=None) -> Tensor:
+    """Draw one token per row from softmax(logits) restricted by top-k and top-p."""
+    if top_k is not None and top_k < logits_BV.size(-1):
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    probs = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
