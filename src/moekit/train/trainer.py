@@ -1,0 +1,291 @@
+"""The training loop: AdamW, warmup + cosine schedule, clipping, evaluation, checkpoints.
+
+A run lives in one folder (see DESIGN.md): ``config.json``, ``tokenizer.json``,
+``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and later ``report/``.
+Everything random in a step is a function of the seed and the step, or of the
+torch RNG state saved in the checkpoint, so ``resume`` continues the same curve
+(bitwise on CPU in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import TokenData, training_batch, validation_batches
+from ..models.lm import LanguageModel, LMConfig
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .metrics import IntervalStats, MetricsLog
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train.
+
+    Args:
+        steps: optimizer steps in the whole run (the schedule's length).
+        batch_size: sequences per step.
+        lr: peak learning rate, reached after warmup_steps.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup from 0.
+        weight_decay: AdamW decoupled decay on matrices and embeddings (not on norms).
+        beta1, beta2: AdamW moment decays.
+        grad_clip: clip the global gradient norm to this (0: no clipping).
+        seed: seeds the initial weights, the batch order and the router noise.
+        eval_every: steps between validation evaluations (and at the last step).
+        eval_batches: validation batches per evaluation (fixed windows).
+        log_every: steps per metrics.jsonl line (averaged over them).
+        checkpoint_every: steps between checkpoints (and at the last step).
+        bf16: autocast matrix multiplies to bfloat16.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    bf16: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps})]")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr; got lr ({self.lr}), min_lr ({self.min_lr})")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip ({self.grad_clip}) must be >= 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device ({self.device!r}) must be 'cpu' or 'cuda'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device ({self.device!r}) asked for, but torch sees no CUDA device")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def write_run_config(run_dir: Path, model_config: LMConfig, train_config: TrainConfig, data_info: dict) -> None:
+    config = {
+        "model": model_config.to_dict(),
+        "train": dataclasses.asdict(train_config),
+        "data": data_info,
+        "versions": {"moekit": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    atomic_write_text(Path(run_dir) / "config.json", json.dumps(config, indent=2))
+
+
+def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a moekit run folder: it has no config.json")
+    config = json.loads(path.read_text())
+    return LMConfig(**config["model"]), TrainConfig(**config["train"]), config["data"]
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, batches, device: str, bf16: bool = False) -> float:
+    """Mean next-token cross-entropy over the batches (weighted by tokens)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x_BS, y_BS in batches:
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x_BS.to(device), y_BS.to(device)).loss
+        total += float(loss) * y_BS.numel()
+        count += y_BS.numel()
+    model.train(was_training)
+    return total / count
+
+
+class Trainer:
+    """Trains one LanguageModel in one run folder; ``fit()`` runs to the end or to Ctrl-C."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model_config: LMConfig,
+        train_config: TrainConfig,
+        data: TokenData,
+        *,
+        resume: bool = False,
+        tensorboard: bool = True,
+        progress: bool = True,
+        description: str | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.model_config, self.config = model_config, train_config
+        self.data = data
+        data.check_fits(model_config.context_length)
+        self.progress, self.description = progress, description or self.run_dir.name
+        torch.manual_seed(train_config.seed)
+        self.model = LanguageModel(model_config).to(train_config.device)
+        self.optimizer = build_optimizer(self.model, train_config)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds, summed over resumed sessions
+        self.interval = IntervalStats()
+        self.last_val_loss: float | None = None
+        resume_step = None
+        if resume:
+            folder = latest_checkpoint(self.run_dir)
+            if folder is None:
+                raise FileNotFoundError(f"{str(self.run_dir)!r} has no checkpoint to resume from")
+            state = load_checkpoint(folder, self.model, self.optimizer)
+            self.step, self.elapsed = state["step"], state["elapsed"]
+            self.interval = IntervalStats(**state["interval"])
+            self.last_val_loss = state.get("last_val_loss")
+            self._rng_state = state["rng"]
+            resume_step = self.step
+        self.val_batches = validation_batches(
+            data.val_N, train_config.batch_size, model_config.context_length, train_config.eval_batches
+        )
+        self.metrics = MetricsLog(self.run_dir, resume_step, tensorboard=tensorboard)
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return from fit()."""
+        self._stop_requested = True
+
+    def _trainer_state(self) -> dict:
+        return {
+            "elapsed": self.elapsed,
+            "interval": self.interval.to_json(),
+            "last_val_loss": self.last_val_loss,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state())
+
+    def train_step(self) -> tuple[float, float, list, float]:
+        """One optimizer step; returns (loss, aux_loss, routings, gradient norm before clipping)."""
+        cfg, device = self.config, self.config.device
+        x_BS, y_BS = training_batch(self.data.train_N, cfg.batch_size, self.model_config.context_length, cfg.seed, self.step)
+        x_BS, y_BS = x_BS.to(device), y_BS.to(device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, cfg)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = self.model(x_BS, y_BS)
+        (out.loss + out.aux_loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.item(), out.aux_loss.item(), out.routings, grad_norm.item()
+
+    def fit(self, on_step: Callable[[Trainer], None] | None = None) -> bool:
+        """Train to config.steps; return False when stopped early (Ctrl-C or request_stop)."""
+        cfg = self.config
+        if hasattr(self, "_rng_state"):
+            restore_rng_state(self._rng_state)
+            del self._rng_state
+        self.model.train()
+        previous_handler = None
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+
+            def on_sigint(signum, frame):
+                # First Ctrl-C: stop after this step with a checkpoint; a second one aborts.
+                self.request_stop()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        tokens_per_step = cfg.batch_size * self.model_config.context_length
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, desc=self.description, unit="step",
+            disable=not self.progress, dynamic_ncols=True, leave=True,
+        )
+        try:
+            while self.step < cfg.steps and not self._stop_requested:
+                started = time.perf_counter()
+                loss, aux_loss, routings, grad_norm = self.train_step()
+                step_time = time.perf_counter() - started
+                self.elapsed += step_time
+                self.interval.add(loss, aux_loss, step_time, tokens_per_step, routings)
+                self.step += 1
+                last = self.step == cfg.steps
+                record = None
+                if self.step % cfg.log_every == 0 or last:
+                    record = {"step": self.step, "tokens": self.step * tokens_per_step, "elapsed": self.elapsed,
+                              "lr": learning_rate(self.step - 1, cfg), "grad_norm": grad_norm}
+                    record.update(self.interval.summary())
+                    self.interval = IntervalStats()
+                if self.step % cfg.eval_every == 0 or last:
+                    self.last_val_loss = evaluate(self.model, self.val_batches, cfg.device, cfg.bf16)
+                    record = record or {"step": self.step, "tokens": self.step * tokens_per_step, "elapsed": self.elapsed}
+                    record["val_loss"] = self.last_val_loss
+                if record is not None:
+                    self.metrics.write(record)
+                    bar.set_postfix(self._postfix(record), refresh=False)
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save()
+                if on_step is not None:
+                    on_step(self)
+            if self._stop_requested and self.step < cfg.steps:
+                self.save()
+                bar.write(
+                    f"stopped at step {self.step}/{cfg.steps}; checkpoint saved. "
+                    f"Continue with: moekit train --resume {self.run_dir}"
+                )
+                return False
+            return True
+        finally:
+            bar.close()
+            self.metrics.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+
+    def _postfix(self, record: dict) -> dict:
+        postfix = {}
+        if "loss" in record:
+            postfix["loss"] = f"{record['loss']:.3f}"
+        if self.last_val_loss is not None:
+            postfix["val"] = f"{self.last_val_loss:.3f}"
+        if "tokens_per_s" in record:
+            postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        if "balance" in record:
+            postfix["max/mean load"] = f"{record['balance']:.2f}"
+        return postfix
