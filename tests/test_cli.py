@@ -1,0 +1,100 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from moekit.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm_fixtures  # noqa: E402
+
+# Fixtures shared with tests/{models,data,train,analysis}.
+corpus_dir = lm_fixtures.corpus_dir
+one_torch_thread = lm_fixtures._one_torch_thread
+
+TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--context-length", "32",
+        "--experts", "4", "--top-k", "2", "--batch-size", "4", "--vocab-size", "300", "--eval-every", "3",
+        "--eval-batches", "2", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["report"], ["demo"]])
+def test_every_help_is_complete(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    expected = {
+        (): ["train", "eval", "generate", "report", "demo"],
+        ("train",): ["--data", "--resume", "--experts", "--top-k", "--router", "--steps", "--bf16", "--seed", "--lr"],
+        ("eval",): ["RUN_DIR", "--batches"],
+        ("generate",): ["--prompt", "--temperature", "--top-k", "--top-p", "--max-new-tokens"],
+        ("report",): ["RUN_DIR", "--baseline"],
+        ("demo",): ["--seeds", "--out", "--steps"],
+    }[tuple(command)]
+    for word in expected:
+        assert word in text, word
+
+
+def test_train_generate_eval_and_resume(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "6", *TINY]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_val = [r["val_loss"] for r in metrics if "val_loss" in r][-1]
+    capsys.readouterr()
+
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--ignore-eot"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def ") and len(text) > len("def \n")
+
+    # The same validation windows as in training give the same loss.
+    assert main(["eval", str(run), "--batches", "2", "--batch-size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 6 and result["val_loss"] == pytest.approx(final_val, abs=1e-6)
+
+    assert main(["train", "--resume", str(run), "--resume-steps", "8"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+    assert main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "6", *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make_data, message",
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds no text files"),
+        (lambda tmp: (tmp / "blob.txt").write_bytes(b"\x00\x01\x02" * 100) and tmp / "blob.txt", "looks binary"),
+    ],
+    ids=["missing", "empty-folder", "binary"],
+)
+def test_bad_data_gets_a_one_line_error(tmp_path, capsys, make_data, message):
+    path = make_data(tmp_path)
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_non_causal_router_is_refused(tmp_path, capsys, corpus_dir, router):
+    assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path / "r"), *TINY, "--router", router]) == 2
+    assert f"--router '{router}' is not causal" in capsys.readouterr().err
+
+
+def test_demo_trains_both_models_for_each_seed_and_writes_the_report(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--data", str(corpus_dir), "--out", str(out), "--steps", "3", "--seeds", "2", *TINY]
+    assert main(args) == 0
+    demo = json.loads((out / "demo.json").read_text())
+    assert [c["seed"] for c in demo["comparisons"]] == [0, 1]
+    assert demo["seeds"]["summary"]["seeds"] == 2
+    assert (out / "report" / "index.html").exists()
+    for name in ("moe-seed0", "dense-seed0", "moe-seed1", "dense-seed1"):
+        assert (out / name / "checkpoints" / "latest.json").exists()
+    page = (out / "report" / "index.html").read_text()
+    assert "Run-to-run spread" in page
+    capsys.readouterr()
+    assert main(args) == 0  # a second run reuses the trained models
+    assert capsys.readouterr().err.count("already trained") == 4
