@@ -171,12 +171,15 @@ def _matrix_grid(matrices: list[np.ndarray], titles: list[str], xlabels, ylabel:
     fig, axes = plt.subplots(1, n, figsize=(width_per * n + 1.2, 3.6), squeeze=False)
     for ax, m, title in zip(axes[0], matrices, titles, strict=True):
         image = ax.imshow(m, cmap=cmap, norm=norm, aspect="auto")
+        image.cmap.set_bad("#eef0f3")
         ax.set_title(title)
         ax.set_xticks(range(m.shape[1]), xlabels, rotation=55, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]))
         ax.set_xlabel(xlabel)
         ax.grid(False)
         for (r, c), value in np.ndenumerate(m):
+            if np.isnan(value):
+                continue
             ax.text(c, r, format(value, fmt), ha="center", va="center", fontsize=6.5,
                     color="white" if abs(norm(value) - 0.5) > 0.33 else "#222")
     axes[0][0].set_ylabel(ylabel)
@@ -207,11 +210,13 @@ def plot_coactivation(view: RunView, out: Path) -> str:
     rec = view.routing
     E = rec.num_experts
     mats = [coactivation(indices_NK, E) for indices_NK in rec.indices_LNK]
+    for m in mats:
+        np.fill_diagonal(m, np.nan)  # an expert with itself says nothing; shown blank
     fair = (view.model_config.moe.top_k - 1) / max(E - 1, 1)  # P(j | i) when routing ignores the token
-    vmax = max(fair * 2, max(float(m.max()) for m in mats), 1e-6)
+    vmax = max(fair * 2, max(float(np.nanmax(m)) for m in mats), 1e-6)
     return _matrix_grid(
         mats, [f"block {b}" for b in rec.moe_layers], list(range(E)), "expert i", "expert j",
-        f"P(j also chosen | i chosen); independent ≈ {fair:.2f}",
+        f"P(j | i); {fair:.2f} if independent",
         TwoSlopeNorm(fair, 0.0, vmax) if fair > 0 else plt.Normalize(0, vmax), "RdBu_r",
         out / f"coactivation_{view.slug}.png", ".2f", 0.36 * E + 0.8,
     )
@@ -368,7 +373,8 @@ def _top_tokens_html(view: RunView) -> str:
                 f'<span class=tok>{html.escape(_visible(view.tokenizer.token_text(t)))} <small>{share:.0%}</small></span>'
                 for t, _, share in tokens)
             rows.append(f"<tr><td class=num>{e}</td><td class=num>{load_E[e]:.0%}</td><td>{chips or '–'}</td></tr>")
-        parts.append(f"<h3>block {rec.moe_layers[layer]}</h3><table><tr><th>expert</th><th>load</th>"
+        parts.append(f"<h3>block {rec.moe_layers[layer]}</h3><table><tr><th style='width:70px'>expert</th>"
+                     f"<th style='width:70px'>load</th>"
                      f"<th>top tokens (share of that token's occurrences sent here)</th></tr>{''.join(rows)}</table>")
     return "".join(parts)
 

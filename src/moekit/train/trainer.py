@@ -183,6 +183,7 @@ class Trainer:
         )
         self.metrics = MetricsLog(self.run_dir, resume_step, tensorboard=tensorboard)
         self._stop_requested = False
+        self._shown: dict[str, str] = {}  # progress-bar fields
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from fit()."""
@@ -279,13 +280,14 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
 
     def _postfix(self, record: dict) -> dict:
-        postfix = {}
+        # Keep the last training numbers on screen when a line carries only a validation loss.
+        shown = self._shown
         if "loss" in record:
-            postfix["loss"] = f"{record['loss']:.3f}"
+            shown["loss"] = f"{record['loss']:.3f}"
         if self.last_val_loss is not None:
-            postfix["val"] = f"{self.last_val_loss:.3f}"
+            shown["val"] = f"{self.last_val_loss:.3f}"
         if "tokens_per_s" in record:
-            postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
         if "balance" in record:
-            postfix["max/mean load"] = f"{record['balance']:.2f}"
-        return postfix
+            shown["max/mean load"] = f"{record['balance']:.2f}"
+        return dict(shown)
