@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import machine_info, median, median_times  # noqa: E402
-
 from moekit import MoE, MoEConfig  # noqa: E402
+from timing import machine_info, median, median_times  # noqa: E402
 
 
 def dense_swiglu(d_model: int, hidden: int, dtype: torch.dtype):
@@ -80,8 +79,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--paths", default="grouped_mm,segment,loop")
     parser.add_argument("--peers", default="eager,grouped_mm", help="transformers experts implementations, or ''")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/layer.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from tests.helpers import run_path
 
 from moekit import MoE
 from moekit.dispatch.local import plan_dispatch
-from tests.helpers import run_path
 
 
 @pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])

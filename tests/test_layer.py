@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers import assert_close_dicts, run_path
 
 from moekit import MoE, MoEConfig
-from tests.helpers import assert_close_dicts, run_path
 
 CORE_ROUTERS = ["softmax", "topk", "noisy_topk", "switch"]
 FAST_PATHS = ["segment", "grouped_mm"]
