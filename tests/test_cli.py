@@ -52,6 +52,10 @@ def test_train_generate_eval_and_resume(tmp_path, corpus_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6 and result["val_loss"] == pytest.approx(final_val, abs=1e-6)
 
+    assert main(["report", str(run)]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "specialisation_moe.png" in page and "Sample generations" in page
+
     assert main(["train", "--resume", str(run), "--resume-steps", "8"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))

@@ -92,3 +92,13 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert learning_rate(10, cfg) == pytest.approx(1.0)
     assert learning_rate(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert learning_rate(100, cfg) == pytest.approx(0.1)
+
+
+def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, prepared, tiny_data_config):
+    trainer = new_run(tmp_path / "run", tiny_model_config(prepared.tokenizer.vocab_size),
+                      tiny_train_config(steps=12, lr=1e-2, bf16=True, log_every=4), tiny_data_config,
+                      prepared=prepared, progress=False, tensorboard=False)
+    assert trainer.fit()
+    losses = _losses(tmp_path / "run")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

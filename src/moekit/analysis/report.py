@@ -170,8 +170,7 @@ def _matrix_grid(matrices: list[np.ndarray], titles: list[str], xlabels, ylabel:
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(width_per * n + 1.2, 3.6), squeeze=False)
     for ax, m, title in zip(axes[0], matrices, titles, strict=True):
-        image = ax.imshow(m, cmap=cmap, norm=norm, aspect="auto")
-        image.cmap.set_bad("#eef0f3")
+        image = ax.imshow(m, cmap=plt.get_cmap(cmap).with_extremes(bad="#eef0f3"), norm=norm, aspect="auto")
         ax.set_title(title)
         ax.set_xticks(range(m.shape[1]), xlabels, rotation=55, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]))
