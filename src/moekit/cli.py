@@ -48,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--moe-every", type=_positive_int, default=1, help="MoE in every n-th block, dense FFN elsewhere (default: %(default)s)")
     g.add_argument("--capacity-factor", type=float, default=None,
                    help="expert capacity factor; assignments over capacity are dropped (default: dropless)")
+    g.add_argument("--router-init-std", type=float, default=0.1,
+                   help="std of the router weights at init; larger routes more decisively from the start (default: %(default)s)")
     g.add_argument("--load-balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight (default: %(default)s)")
     g.add_argument("--z-loss-coef", type=float, default=0.001, help="router z-loss weight (default: %(default)s)")
 
@@ -106,6 +108,7 @@ def _configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
     model_config = LMConfig(
         vocab_size=vocab_size, context_length=args.context_length, n_layer=args.layers, n_head=args.heads,
         d_model=args.d_model, d_ff=args.d_ff, moe=moe_config, moe_every=args.moe_every,
+        router_init_std=args.router_init_std,
     )
     train_config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -189,13 +192,15 @@ def _load_model(run_dir: str):
 
 
 def cmd_eval(args) -> int:
-    from .data import tokenize_corpus, validation_batches
-    from .train import evaluate, load_run_data
+    from .data import load_corpus, validation_batches
+    from .data.dataset import encode_documents
+    from .train import evaluate, read_run_config
 
-    model, _, train_config, state = _load_model(args.run_dir)
-    prepared = load_run_data(Path(args.run_dir))
-    tokens = tokenize_corpus(prepared.corpus, prepared.tokenizer)
-    batches = validation_batches(tokens.val_N, args.batch_size, model.config.context_length, args.batches)
+    model, tokenizer, _, state = _load_model(args.run_dir)
+    _, _, data_info = read_run_config(Path(args.run_dir))
+    corpus = load_corpus(data_info["data"], data_info["val_fraction"])
+    val_N = encode_documents(tokenizer, [d.text for d in corpus.val])  # the training split is not needed
+    batches = validation_batches(val_N, args.batch_size, model.config.context_length, args.batches)
     loss = evaluate(model, batches, "cpu")
     num_tokens = sum(y.numel() for _, y in batches)
     print(json.dumps({"run": args.run_dir, "step": state["step"], "val_loss": loss, "tokens": num_tokens}))

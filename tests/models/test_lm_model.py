@@ -111,3 +111,10 @@ def test_bad_settings_name_the_value():
         make()(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         next(make().generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=-1))
+
+
+def test_router_weights_start_at_the_configured_scale():
+    moe = MoEConfig(d_model=128, d_ff=16, num_experts=8, top_k=2)
+    model = LanguageModel(LMConfig(vocab_size=10, d_model=128, n_head=4, d_ff=16, moe=moe, router_init_std=0.3))
+    routers = torch.cat([block.ffn.router.weight.flatten() for block in model.blocks])
+    assert abs(routers.std().item() - 0.3) < 0.02 and abs(routers.mean().item()) < 0.02

@@ -2,7 +2,7 @@
 
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import read_metrics
-from .run import DataConfig, PreparedData, load_run_data, new_run, prepare_data, resume_run
+from .run import DataConfig, PreparedData, new_run, prepare_data, resume_run
 from .trainer import TrainConfig, Trainer, evaluate, learning_rate, read_run_config
 
 __all__ = [
@@ -15,7 +15,6 @@ __all__ = [
     "latest_checkpoint",
     "learning_rate",
     "load_checkpoint",
-    "load_run_data",
     "new_run",
     "prepare_data",
     "read_metrics",

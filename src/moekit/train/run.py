@@ -123,10 +123,3 @@ def resume_run(run_dir: Path, *, steps: int | None = None, **trainer_kwargs) -> 
         )
     return Trainer(run_dir, model_config, train_config, prepared.tokens, resume=True, **trainer_kwargs)
 
-
-def load_run_data(run_dir: Path) -> PreparedData:
-    """The corpus and tokenizer a run trained on (for evaluation and analysis)."""
-    _, _, data_info = read_run_config(run_dir)
-    data_config = DataConfig(data=data_info["data"], tokenizer=data_info["tokenizer"],
-                             vocab_size=data_info["vocab_size"], val_fraction=data_info["val_fraction"])
-    return prepare_data(data_config, Path(run_dir) / TOKENIZER_FILE)
