@@ -260,7 +260,10 @@ def _is_moe(run_dir: Path) -> bool:
     return json.loads((run_dir / "config.json").read_text())["model"].get("moe") is not None
 
 
-DEMO_DEFAULTS = dict(TRAIN_DEFAULTS, steps=300, eval_every=20)
+# Small enough that both models train in a few minutes on two CPU cores, long enough
+# for the MoE model to pull ahead (see docs/lm.md for the measurements).
+DEMO_DEFAULTS = dict(TRAIN_DEFAULTS, d_model=64, d_ff=256, steps=800, lr=5e-3, eval_every=40)
+DEMO_VOCAB_SIZE = 2048
 
 
 def cmd_demo(args) -> int:
@@ -418,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="train this many seeds of each model, for the run-to-run spread (default: %(default)s)")
     _add_model_args(p, DEMO_DEFAULTS)
-    _add_data_args(p, 4096)
+    _add_data_args(p, DEMO_VOCAB_SIZE)
     _add_train_args(p, DEMO_DEFAULTS)
     p.set_defaults(func=cmd_demo)
     return parser

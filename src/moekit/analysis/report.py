@@ -116,8 +116,19 @@ def _zoom_to_tail(ax, views: list[RunView]) -> None:
         ax.set_ylim(low, min(max(curves), low + 3.0))
 
 
+def _merge_intervals(records: list[dict], max_columns: int = 40) -> list[dict]:
+    """Average consecutive logging intervals so a heatmap has at most max_columns columns."""
+    group = max(1, -(-len(records) // max_columns))
+    merged = []
+    for start in range(0, len(records), group):
+        chunk = records[start : start + group]
+        merged.append({"step": chunk[-1]["step"],
+                       "load": np.mean([r["load"] for r in chunk], axis=0).tolist()})
+    return merged
+
+
 def plot_load(view: RunView, out: Path) -> str:
-    records = [r for r in view.metrics if "load" in r]
+    records = _merge_intervals([r for r in view.metrics if "load" in r])
     layers = len(records[0]["load"])
     E = len(records[0]["load"][0])
     fig, axes = plt.subplots(1, layers, figsize=(2.9 * layers + 1, 2.8), squeeze=False, sharey=True)
@@ -200,7 +211,7 @@ def plot_specialisation(view: RunView, out: Path) -> str:
     vmax = max(2.0, max(float(m.max()) for m in lifts))
     return _matrix_grid(
         lifts, [f"block {b}" for b in rec.moe_layers], names, "expert", "token category",
-        "share of category ÷ expert's overall share", TwoSlopeNorm(1.0, 0.0, vmax), "RdBu_r",
+        "preference (1 = none)", TwoSlopeNorm(1.0, 0.0, vmax), "RdBu_r",
         out / f"specialisation_{view.slug}.png", ".1f", 0.42 * len(names) + 0.8,
     )
 
@@ -215,7 +226,7 @@ def plot_coactivation(view: RunView, out: Path) -> str:
     vmax = max(fair * 2, max(float(np.nanmax(m)) for m in mats), 1e-6)
     return _matrix_grid(
         mats, [f"block {b}" for b in rec.moe_layers], list(range(E)), "expert i", "expert j",
-        f"P(j | i); {fair:.2f} if independent",
+        f"P(j | i)  ({fair:.2f} if independent)",
         TwoSlopeNorm(fair, 0.0, vmax) if fair > 0 else plt.Normalize(0, vmax), "RdBu_r",
         out / f"coactivation_{view.slug}.png", ".2f", 0.36 * E + 0.8,
     )
