@@ -29,7 +29,7 @@ class MoEConfig:
             expert for ``softmax``, 1 for ``switch``, 2 otherwise.
         router: routing rule by name (see ``moekit.ROUTERS``).
         expert: expert network by name (see ``moekit.EXPERTS``).
-        activation: activation of ``ffn`` experts (``relu``, ``gelu``, ``silu``).
+        activation: activation of ``ffn`` experts (``relu``, ``gelu``, ``gelu_tanh``, ``silu``).
         expert_bias: add biases to the expert projections.
         normalize_weights: renormalise the K combine weights to sum to one
             (Mixtral); ``False`` keeps the raw softmax probabilities (Qwen option).
