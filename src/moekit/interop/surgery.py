@@ -138,3 +138,96 @@ def upcycle(
             experts.w_in[e, rows] = fresh.w_in[e, rows].to(experts.w_in.dtype)
             experts.w_out[e][:, units] = fresh.w_out[e][:, units].to(experts.w_out.dtype)
     return moe.to(device=dense.w_in.device)
+
+
+@torch.no_grad()
+def measure_load(moe: MoE, batches) -> Tensor:
+    """Assignments each expert processed over ``batches`` (tensors of (..., D)), in eval mode."""
+    was_training = moe.training
+    moe.eval()
+    load_E = torch.zeros(moe.config.num_experts, dtype=torch.long)
+    for x in batches:
+        load_E += moe(x).routing.tokens_per_expert_E.cpu()
+    moe.train(was_training)
+    return load_E
+
+
+def _stacked(moe: MoE) -> StackedExperts:
+    if not isinstance(moe.experts, StackedExperts):
+        raise TypeError("expert surgery needs stacked experts; these are arbitrary modules")
+    return moe.experts
+
+
+@torch.no_grad()
+def keep_experts(moe: MoE, keep: list[int] | Tensor) -> MoE:
+    """A new MoE with only the experts in ``keep`` (and their router rows), in that order.
+
+    The router's softmax renormalises over the experts that remain; a token
+    none of whose chosen experts was removed keeps its combine weights when
+    they are renormalised over the top k (``normalize_weights=True``).
+    """
+    experts = _stacked(moe)
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    E = moe.config.num_experts
+    if keep.numel() == 0 or keep.unique().numel() != keep.numel() or keep.min() < 0 or keep.max() >= E:
+        raise ValueError(f"keep ({keep.tolist()}) must list distinct expert ids in [0, {E})")
+    top_k = min(moe.config.top_k, keep.numel())
+    fields = {**moe.config.__dict__, "num_experts": keep.numel(), "top_k": top_k}
+    if moe.config.router == "softmax":
+        fields["top_k"] = keep.numel()
+    pruned = MoE(MoEConfig(**fields), name=moe.name).to(device=experts.w_in.device, dtype=experts.w_in.dtype)
+    source_state = moe.state_dict()
+    new_state = {}
+    for name, value in pruned.state_dict().items():
+        old = source_state[name]
+        if old.dim() >= 1 and old.shape[0] == E and value.shape[0] == keep.numel():
+            new_state[name] = old[keep.to(old.device)]
+        else:
+            new_state[name] = old
+    pruned.load_state_dict(new_state)
+    return pruned
+
+
+def prune_least_used(moe: MoE, load_E: Tensor, num_remove: int) -> tuple[MoE, list[int]]:
+    """Drop the ``num_remove`` experts with the lowest measured load; returns (layer, removed ids)."""
+    E = moe.config.num_experts
+    if not 0 <= num_remove < E:
+        raise ValueError(f"num_remove ({num_remove}) must be in [0, {E - 1}]")
+    order = torch.argsort(load_E.float(), stable=True)
+    removed = sorted(order[:num_remove].tolist())
+    keep = sorted(order[num_remove:].tolist())
+    return keep_experts(moe, keep), removed
+
+
+@torch.no_grad()
+def expert_output_similarity(moe: MoE, x_ND: Tensor) -> Tensor:
+    """Cosine similarity (E, E) of the experts' outputs on the same rows."""
+    experts = _stacked(moe)
+    outputs = torch.stack([experts.forward_expert(e, x_ND).flatten() for e in range(experts.num_experts)])
+    outputs = torch.nn.functional.normalize(outputs.float(), dim=1)
+    return outputs @ outputs.t()
+
+
+@torch.no_grad()
+def merge_most_similar(moe: MoE, x_ND: Tensor) -> tuple[MoE, tuple[int, int]]:
+    """Merge the pair of experts whose outputs on ``x_ND`` agree most.
+
+    The merged expert averages the pair's weights and router rows; it takes
+    the lower id. Returns (layer with E − 1 experts, the merged pair).
+    """
+    E = moe.config.num_experts
+    if E < 2:
+        raise ValueError("merging needs at least two experts")
+    similarity = expert_output_similarity(moe, x_ND)
+    similarity.fill_diagonal_(-float("inf"))
+    flat = int(similarity.argmax())
+    a, b = sorted((flat // E, flat % E))
+    merged = keep_experts(moe, [e for e in range(E) if e != b])
+    experts, source = _stacked(merged), _stacked(moe)
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        target = getattr(experts, name)
+        if target is not None:
+            weights = getattr(source, name)
+            target[a] = (weights[a] + weights[b]) / 2
+    merged.router.weight[a] = (moe.router.weight[a] + moe.router.weight[b]) / 2
+    return merged, (a, b)
