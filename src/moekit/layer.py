@@ -195,11 +195,14 @@ def soft_compute(
     dispatch_GLS, combine_GLS = routing.dispatch_GLS, routing.combine_GLS
     G, L, S = dispatch_GLS.shape
     E, P, D = experts.num_experts, routing.slots_per_expert, x_TD.shape[1]
-    slots_GSD = dispatch_GLS.transpose(1, 2) @ x_TD.view(G, L, D).to(dispatch_GLS.dtype)
+    # Dispatch and combine are router math: float32 even under autocast.
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        slots_GSD = dispatch_GLS.transpose(1, 2) @ x_TD.view(G, L, D).to(dispatch_GLS.dtype)
     slots_ERD = slots_GSD.view(G, E, P, D).transpose(0, 1).reshape(E, G * P, D).to(x_TD.dtype)
     y_ERD = _run_expert_major(path, experts, slots_ERD)
     y_GSD = y_ERD.view(E, G, P, D).transpose(0, 1).reshape(G, S, D).to(combine_GLS.dtype)
-    y_TD = (combine_GLS @ y_GSD).reshape(G * L, D)
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        y_TD = (combine_GLS @ y_GSD).reshape(G * L, D)
     tokens_per_expert_E = torch.full((E,), G * P, dtype=torch.long, device=x_TD.device)
     return y_TD.to(out_dtype), tokens_per_expert_E
 
@@ -354,6 +357,11 @@ class MoE(nn.Module):
             if coef != 0 and name in routing.losses:
                 aux_loss = aux_loss + coef * routing.losses[name]
         return aux_loss
+
+    @property
+    def causal(self) -> bool:
+        """False when a token's output depends on later tokens (expert choice, Soft MoE)."""
+        return self.router.causal
 
     def extra_repr(self) -> str:
         c = self.config

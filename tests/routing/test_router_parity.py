@@ -97,3 +97,23 @@ def test_path_matches_loop(case, path, dtype, padded):
     if padded:
         # Padding receives nothing, on any path.
         assert torch.all(out.y[1, 4:] == 0)
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_CASES))
+def test_router_math_stays_float32_under_autocast_and_float64_for_float64(case):
+    fields = {"router": "topk", **ROUTER_CASES[case]}
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_ff=8, num_experts=4, **fields)).eval()
+    x = torch.randn(2, 6, 8)
+    token_ids = torch.randint(0, 11, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x, token_ids=token_ids)
+    assert out.routing.probs_TE.dtype == torch.float32
+    assert out.y.dtype == torch.float32
+    reference = moe(x, token_ids=token_ids)
+    # The router ignores autocast: the same float32 probabilities as without it.
+    torch.testing.assert_close(out.routing.probs_TE, reference.routing.probs_TE)
+    # The experts ran in bfloat16, so y is close to, not equal to, the float32 result.
+    torch.testing.assert_close(out.y, reference.y, atol=2e-2, rtol=5e-2)
+    out64 = moe.double()(x.double(), token_ids=token_ids)
+    assert out64.routing.probs_TE.dtype == torch.float64 and out64.y.dtype == torch.float64
