@@ -27,7 +27,9 @@ class MoEConfig:
         d_ff: hidden width of each expert (F).
         num_experts: number of routed experts (E).
         top_k: experts per token (K). ``None`` picks the router's default: every
-            expert for ``softmax``, 1 for ``switch``, 2 otherwise.
+            expert for ``softmax``, 1 for ``switch`` and ``hash``, 2 otherwise.
+            ``expert_choice`` reads it as the default capacity factor; ``soft``
+            ignores it (its cost is set by ``slots_per_expert``).
         router: routing rule by name (see ``moekit.ROUTERS``).
         expert: expert network by name (see ``moekit.EXPERTS``).
         activation: activation of ``ffn`` experts (``relu``, ``gelu``, ``silu``).

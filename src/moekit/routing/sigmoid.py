@@ -14,7 +14,8 @@ scaling factor. The bias never enters a gate value.
   and resets the count. Eval forwards count nothing, so they move nothing.
 - Sequence-wise balance loss, reported as ``sequence_balance``:
   L = mean over sequences of Σ_i f_i·P_i, f_i = (E/(K·L))·Σ_t 1[i selected for t],
-  P_i = (1/L)·Σ_t s'_ti with s' = s normalised over all experts.
+  P_i = (1/L)·Σ_t s'_ti with s' = s normalised over all experts. No
+  ``load_balance`` loss is reported: balancing is the bias's job.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, G expert groups
 (or sequences, in the loss), L tokens per sequence.
