@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moekit demo
+	$(PY) -m moekit.demos.digits
 
 test: $(STAMP)
 	$(PY) -m pytest

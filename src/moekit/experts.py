@@ -17,10 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+from .ops import ACTIVATIONS, segment_mlp
+
 EXPERTS = ("swiglu", "geglu", "ffn")
 _GLU_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# grouped_mm needs every row stride to be a multiple of 16 bytes.
+_GROUPED_MM_ALIGN_BYTES = 16
+
+
+def grouped_mm_supports(experts: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``forward_grouped`` can run these experts on this dtype."""
+    if not isinstance(experts, StackedExperts) or dtype not in GROUPED_MM_DTYPES:
+        return False
+    item = torch.empty((), dtype=dtype).element_size()
+    return all((n * item) % _GROUPED_MM_ALIGN_BYTES == 0 for n in (experts.d_model, experts.d_ff))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -46,9 +57,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def run_segments(experts: nn.Module, x_RD: Tensor, counts: list[int]) -> Tensor:
     """Apply ``experts.forward_expert(e, ·)`` to each expert's contiguous block of rows."""
-    pieces = [
-        experts.forward_expert(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0
-    ]
+    pieces = [experts.forward_expert(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0]
     if not pieces:
         return x_RD.new_zeros(0, x_RD.shape[1])
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -117,8 +126,14 @@ class StackedExperts(nn.Module):
         return F.linear(self._hidden(h), self.w_out[e], b_out)
 
     def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
-        """Rows sorted by expert, one matrix multiply per non-empty expert."""
-        return run_segments(self, x_RD, counts)
+        """Rows sorted by expert, one matrix multiply per non-empty expert, fused backward."""
+        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
+        cast = _autocast_dtype(x_RD.device.type)
+        if cast is not None:
+            x_RD, w_in, w_out = x_RD.to(cast), w_in.to(cast), w_out.to(cast)
+            b_in = None if b_in is None else b_in.to(cast)
+            b_out = None if b_out is None else b_out.to(cast)
+        return segment_mlp(x_RD, w_in, b_in, w_out, b_out, counts, self.activation, self.is_glu)
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, all experts in one ``grouped_mm`` per projection."""
@@ -162,7 +177,7 @@ class ModuleExperts(nn.Module):
         return self.experts[e](x_ND)
 
     def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
-        """Rows sorted by expert, one matrix multiply per non-empty expert."""
+        """Rows sorted by expert, each expert module on its block."""
         return run_segments(self, x_RD, counts)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch.local import combine_rows, gather_rows, plan_dispatch
-from .experts import GROUPED_MM_DTYPES, ModuleExperts, SharedExperts, StackedExperts
+from .experts import ModuleExperts, SharedExperts, StackedExperts, grouped_mm_supports
 from .routing import (
     AnyRouting,
     ExpertChoiceRouting,
@@ -134,6 +134,12 @@ def _run_grouped(experts, x_RD: Tensor, counts_E: Tensor) -> Tensor:
     return experts.forward_grouped(x_RD, counts_E)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class ComputePath(NamedTuple):
     run: Callable[..., PathResult]
     supports: Callable[[nn.Module, Tensor], bool]
@@ -144,12 +150,13 @@ COMPUTE_PATHS: dict[str, ComputePath] = {
     "segment": ComputePath(_sorted_path(_run_segments), lambda experts, x: True),
     "grouped_mm": ComputePath(
         _sorted_path(_run_grouped),
-        lambda experts, x: isinstance(experts, StackedExperts) and x.dtype in GROUPED_MM_DTYPES,
+        lambda experts, x: grouped_mm_supports(experts, _compute_dtype(x)),
     ),
 }
-# "auto" tries these in order; on CPU the per-expert matrix multiplies of
-# "segment" beat grouped_mm's CPU fallback (see BENCHMARKS.md).
-AUTO_ORDER = {"cpu": ("segment", "loop"), "cuda": ("grouped_mm", "segment", "loop")}
+# "auto" takes the first path that supports the inputs, fastest first as measured
+# by benchmarks/layer.py (BENCHMARKS.md); "segment" covers what grouped_mm cannot
+# (float64, unaligned widths, heterogeneous experts).
+AUTO_ORDER = ("grouped_mm", "segment", "loop")
 
 
 # --- expert choice and Soft MoE ---------------------------------------------------
@@ -209,13 +216,15 @@ def soft_compute(
 
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor) -> str:
     if name == "auto":
-        for candidate in AUTO_ORDER.get(x_TD.device.type, ("segment", "loop")):
+        for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
                 return candidate
     if not COMPUTE_PATHS[name].supports(experts, x_TD):
         raise ValueError(
             f"compute path {name!r} does not support {type(experts).__name__} with {x_TD.dtype} "
-            f"input; use compute='auto' or one of {', '.join(COMPUTE_PATHS)}"
+            f"input (grouped_mm needs stacked experts, float32/bfloat16/float16, and d_model, "
+            f"d_ff whose rows are multiples of 16 bytes); use compute='auto' or one of "
+            f"{', '.join(COMPUTE_PATHS)}"
         )
     return name
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..ops import gather_tokens, permute_rows
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -27,6 +29,8 @@ class DispatchPlan:
         kept_TK: assignments that reached an expert, or None when all did.
         num_dropped: assignments of real tokens dropped for capacity (0-dim long).
         top_k: K.
+        inverse_R: the inverse permutation of order_R when every assignment is
+            routed (dropless, no padding), else None.
     """
 
     order_R: Tensor
@@ -34,6 +38,7 @@ class DispatchPlan:
     kept_TK: Tensor | None
     num_dropped: Tensor
     top_k: int
+    inverse_R: Tensor | None = None
 
     @property
     def token_R(self) -> Tensor:
@@ -70,7 +75,10 @@ def plan_dispatch(
         order_R = torch.argsort(flat_E, stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
-        return DispatchPlan(order_R, counts_E, None, torch.zeros((), dtype=torch.long, device=device), K)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(T * K, device=device)
+        no_drops = torch.zeros((), dtype=torch.long, device=device)
+        return DispatchPlan(order_R, counts_E, None, no_drops, K, inverse_R)
 
     # Padding goes to a sentinel expert E, which sorts last and is cut off below.
     if valid_T is not None:
@@ -105,17 +113,15 @@ def plan_dispatch(
 
 def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     """Rows of x for each routed assignment, sorted by expert: (R, D)."""
-    return x_TD[plan.token_R]
+    return gather_tokens(x_TD, plan.order_R, plan.top_k, plan.inverse_R)
 
 
 def combine_rows(y_RD: Tensor, weights_TK: Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> Tensor:
     """y_TD = Σ_k weights_TK·y for each token's kept assignments, in the weights' dtype."""
     T, K = weights_TK.shape
     D = y_RD.shape[-1]
-    if plan.dropless:
-        inverse_R = torch.empty_like(plan.order_R)
-        inverse_R[plan.order_R] = torch.arange(plan.order_R.numel(), device=y_RD.device)
-        y_TKD = y_RD[inverse_R].view(T, K, D)
+    if plan.inverse_R is not None:
+        y_TKD = permute_rows(y_RD, plan.inverse_R, plan.order_R).view(T, K, D)
     else:
         y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, plan.order_R, y_RD).view(T, K, D)
     y_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)

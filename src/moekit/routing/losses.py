@@ -12,17 +12,22 @@ import torch
 from torch import Tensor
 
 
-def _token_weights(num_tokens: int, token_weight_T: Tensor | None, device) -> Tensor:
+def _token_weights(
+    num_tokens: int, token_weight_T: Tensor | None, device, dtype: torch.dtype = torch.float32
+) -> Tensor:
     if token_weight_T is None:
-        return torch.ones(num_tokens, device=device, dtype=torch.float32)
-    return token_weight_T.to(torch.float32)
+        return torch.ones(num_tokens, device=device, dtype=dtype)
+    return token_weight_T.to(dtype)
 
 
-def assignment_counts(indices_TK: Tensor, num_experts: int, token_weight_T: Tensor | None = None) -> Tensor:
-    """Assignments per expert (E,), float32, each of the K choices counted once."""
+def assignment_counts(
+    indices_TK: Tensor, num_experts: int, token_weight_T: Tensor | None = None
+) -> Tensor:
+    """Assignments per expert (E,), each of the K choices counted once (padding not)."""
     T, K = indices_TK.shape
-    w_T = _token_weights(T, token_weight_T, indices_TK.device)
-    counts_E = torch.zeros(num_experts, device=indices_TK.device, dtype=torch.float32)
+    dtype = token_weight_T.dtype if token_weight_T is not None and token_weight_T.is_floating_point() else torch.float32
+    w_T = _token_weights(T, token_weight_T, indices_TK.device, dtype)
+    counts_E = torch.zeros(num_experts, device=indices_TK.device, dtype=dtype)
     return counts_E.scatter_add_(0, indices_TK.reshape(-1), w_T.repeat_interleave(K))
 
 
@@ -36,7 +41,7 @@ def load_balancing_loss(
     Equals K under uniform routing and E under full collapse.
     """
     T, E = probs_TE.shape
-    w_T = _token_weights(T, token_weight_T, probs_TE.device)
+    w_T = _token_weights(T, token_weight_T, probs_TE.device, probs_TE.dtype)
     n = w_T.sum().clamp_min(1.0)
     f_E = assignment_counts(indices_TK, E, w_T) / n
     P_E = (probs_TE * w_T[:, None]).sum(0) / n
@@ -46,7 +51,7 @@ def load_balancing_loss(
 def router_z_loss(logits_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
     """ST-MoE z-loss (1/T)·Σ_t (log Σ_j exp(logits_tj))²."""
     T = logits_TE.shape[0]
-    w_T = _token_weights(T, token_weight_T, logits_TE.device)
+    w_T = _token_weights(T, token_weight_T, logits_TE.device, logits_TE.dtype)
     z_T = torch.logsumexp(logits_TE, dim=-1)
     return (z_T.square() * w_T).sum() / w_T.sum().clamp_min(1.0)
 
@@ -60,7 +65,7 @@ def cv_squared(x_E: Tensor, eps: float = 1e-10) -> Tensor:
 
 def importance_loss(gates_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
     """Shazeer 2017: CV(Importance)², Importance_i = Σ_x G(x)_i."""
-    w_T = _token_weights(gates_TE.shape[0], token_weight_T, gates_TE.device)
+    w_T = _token_weights(gates_TE.shape[0], token_weight_T, gates_TE.device, gates_TE.dtype)
     return cv_squared((gates_TE * w_T[:, None]).sum(0))
 
 
@@ -84,7 +89,7 @@ def smooth_load(
     (k+1)-th largest of H when i is in the top k, the k-th largest otherwise.
     """
     T, E = noisy_logits_TE.shape
-    w_T = _token_weights(T, token_weight_T, noisy_logits_TE.device)
+    w_T = _token_weights(T, token_weight_T, noisy_logits_TE.device, noisy_logits_TE.dtype)
     if top_k >= E:
         return w_T.sum().expand(E).clone()
     top_values_TK1, _ = noisy_logits_TE.topk(top_k + 1, dim=-1)
@@ -119,5 +124,5 @@ def standard_losses(
         "load_balance": load_balancing_loss(probs_TE, indices_TK, token_weight_T),
         "z_loss": router_z_loss(logits_TE, token_weight_T),
         "importance": importance_loss(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
-        "load": load_loss(assignment_counts(indices_TK, E, token_weight_T)),
+        "load": load_loss(assignment_counts(indices_TK, E, _token_weights(len(logits_TE), token_weight_T, logits_TE.device, logits_TE.dtype))),
     }

@@ -1,0 +1,184 @@
+"""Fused CPU-friendly ops for the sorted-rows compute path, each with a hand-written backward.
+
+``segment_mlp`` runs E expert MLPs over rows sorted by expert as one autograd
+node: per-expert matrix multiplies write into preallocated buffers, gradients
+of the stacked weights are written in place (no per-expert zero tensors, no
+concatenations), and the activation is recomputed in backward from the
+pre-activation instead of being stored. ``permute_rows`` and
+``gather_tokens`` replace indexing whose autograd backward would be a serial
+scatter-add with gathers by the inverse permutation.
+
+Shapes: T tokens, K experts per token, R routed rows, D model dim, H first
+projection width (F, or 2F for GLU), F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _activation_forward(h_RH: Tensor, activation: str, glu: bool) -> Tensor:
+    if glu:
+        gate, up = h_RH.chunk(2, dim=-1)
+        return _act(gate, activation) * up
+    return _act(h_RH, activation)
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def _act(x: Tensor, activation: str) -> Tensor:
+    return ACTIVATIONS[activation](x)
+
+
+def _act_backward(grad_out: Tensor, x: Tensor, activation: str) -> Tensor:
+    """grad_out · act'(x) with torch's fused backward kernels."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad_out, x)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_out, x)
+    return torch.ops.aten.threshold_backward(grad_out, x, 0)
+
+
+def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str, glu: bool) -> Tensor:
+    if not glu:
+        return _act_backward(grad_a_RF, h_RH, activation)
+    gate, up = h_RH.chunk(2, dim=-1)
+    grad_h_RH = torch.empty_like(h_RH)
+    grad_gate, grad_up = grad_h_RH.chunk(2, dim=-1)
+    torch.mul(grad_a_RF, _act(gate, activation), out=grad_up)
+    grad_gate.copy_(_act_backward(grad_a_RF * up, gate, activation))
+    return grad_h_RH
+
+
+class _SegmentMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RD, w_in_EHD, b_in_EH, w_out_EDF, b_out_ED, counts, activation, glu):
+        R = x_RD.shape[0]
+        E, H, D = w_in_EHD.shape
+        h_RH = x_RD.new_empty(R, H)
+        y_RD = x_RD.new_empty(R, D)
+        bounds = _bounds(counts)
+        for e, (start, stop) in enumerate(bounds):
+            if stop > start:
+                torch.mm(x_RD[start:stop], w_in_EHD[e].t(), out=h_RH[start:stop])
+                if b_in_EH is not None:
+                    h_RH[start:stop] += b_in_EH[e]
+        a_RF = _activation_forward(h_RH, activation, glu)
+        for e, (start, stop) in enumerate(bounds):
+            if stop > start:
+                torch.mm(a_RF[start:stop], w_out_EDF[e].t(), out=y_RD[start:stop])
+                if b_out_ED is not None:
+                    y_RD[start:stop] += b_out_ED[e]
+        ctx.save_for_backward(x_RD, h_RH, w_in_EHD, w_out_EDF)
+        ctx.bounds, ctx.activation, ctx.glu = bounds, activation, glu
+        ctx.has_bias = (b_in_EH is not None, b_out_ED is not None)
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, grad_y_RD):
+        x_RD, h_RH, w_in_EHD, w_out_EDF = ctx.saved_tensors
+        grad_y_RD = grad_y_RD.contiguous()
+        bounds = ctx.bounds
+        a_RF = _activation_forward(h_RH, ctx.activation, ctx.glu)  # recomputed, not stored
+        grad_a_RF = torch.empty_like(a_RF)
+        grad_w_out = torch.empty_like(w_out_EDF)
+        grad_b_out = grad_y_RD.new_zeros(w_out_EDF.shape[:2]) if ctx.has_bias[1] else None
+        for e, (start, stop) in enumerate(bounds):
+            if stop > start:
+                g = grad_y_RD[start:stop]
+                torch.mm(g, w_out_EDF[e], out=grad_a_RF[start:stop])
+                torch.mm(g.t(), a_RF[start:stop], out=grad_w_out[e])
+                if grad_b_out is not None:
+                    grad_b_out[e] = g.sum(0)
+            else:
+                grad_w_out[e].zero_()
+        del a_RF
+        grad_h_RH = _activation_backward(h_RH, grad_a_RF, ctx.activation, ctx.glu)
+        del grad_a_RF
+        grad_x_RD = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
+        grad_w_in = torch.empty_like(w_in_EHD)
+        grad_b_in = grad_h_RH.new_zeros(w_in_EHD.shape[:2]) if ctx.has_bias[0] else None
+        for e, (start, stop) in enumerate(bounds):
+            if stop > start:
+                g = grad_h_RH[start:stop]
+                if grad_x_RD is not None:
+                    torch.mm(g, w_in_EHD[e], out=grad_x_RD[start:stop])
+                torch.mm(g.t(), x_RD[start:stop], out=grad_w_in[e])
+                if grad_b_in is not None:
+                    grad_b_in[e] = g.sum(0)
+            else:
+                grad_w_in[e].zero_()
+        return grad_x_RD, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def segment_mlp(
+    x_RD: Tensor,
+    w_in_EHD: Tensor,
+    b_in_EH: Tensor | None,
+    w_out_EDF: Tensor,
+    b_out_ED: Tensor | None,
+    counts: list[int],
+    activation: str,
+    glu: bool,
+) -> Tensor:
+    """E expert MLPs on rows sorted by expert (``counts[e]`` rows each), one autograd node.
+
+    ``y = act(x·w_inᵀ + b_in)·w_outᵀ + b_out`` per expert, with the GLU form
+    ``act(gate)·up`` when ``glu`` (w_in rows: gate first, then up).
+    """
+    return _SegmentMLP.apply(x_RD, w_in_EHD, b_in_EH, w_out_EDF, b_out_ED, counts, activation, glu)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, perm_N: Tensor, inverse_N: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inverse_N), None, None
+
+
+def permute_rows(x_ND: Tensor, perm_N: Tensor, inverse_N: Tensor) -> Tensor:
+    """``x[perm]`` for a permutation, whose backward gathers by ``inverse`` (no scatter-add)."""
+    return _PermuteRows.apply(x_ND, perm_N, inverse_N)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, order_R: Tensor, top_k: int, inverse_R: Tensor | None) -> Tensor:
+        ctx.save_for_backward(order_R, inverse_R)
+        ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+        return x_TD.index_select(0, order_R // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        order_R, inverse_R = ctx.saved_tensors
+        T, K = ctx.num_tokens, ctx.top_k
+        if inverse_R is not None:  # every assignment was routed: a permutation
+            grad_TKD = grad_RD.index_select(0, inverse_R)
+        else:
+            grad_TKD = grad_RD.new_zeros(T * K, grad_RD.shape[1]).index_copy_(0, order_R, grad_RD)
+        return grad_TKD.view(T, K, grad_RD.shape[1]).sum(1), None, None, None
+
+
+def gather_tokens(x_TD: Tensor, order_R: Tensor, top_k: int, inverse_R: Tensor | None) -> Tensor:
+    """Row ``order_R[r] // K`` of x for each routed row r.
+
+    The backward sums each token's K row gradients by gathering (by
+    ``inverse_R`` when all T·K assignments are routed) instead of scatter-adding.
+    """
+    return _GatherTokens.apply(x_TD, order_R, top_k, inverse_R)

@@ -1,0 +1,76 @@
+"""Capacity: experts never exceed it, drops are counted independently, the
+priority rules pick the right assignments, and infinite capacity is dropless."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.helpers import run_path
+
+from moekit import MoE
+from moekit.dispatch.local import plan_dispatch
+
+
+@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
+@pytest.mark.parametrize("priority", ["probability", "position"])
+def test_tokens_per_expert_within_capacity_and_drops_counted(path, capacity_factor, priority):
+    T, E, K = 40, 4, 2
+    moe = MoE(d_model=8, d_ff=8, num_experts=E, top_k=K, capacity_factor=capacity_factor,
+              drop_priority=priority, compute=path)
+    with torch.no_grad():
+        moe.router.weight.mul_(50)  # skewed routing so that experts overflow
+    out = moe(torch.randn(T, 8))
+    capacity = math.ceil(capacity_factor * T * K / E)
+    counts = out.routing.tokens_per_expert_E
+    assert counts.max() <= capacity
+    wanted = torch.bincount(out.routing.indices_TK.flatten(), minlength=E)
+    independent_drops = int((wanted - wanted.clamp(max=capacity)).sum())
+    assert int(out.routing.num_dropped) == independent_drops
+    assert int(out.routing.kept_TK.sum()) == T * K - independent_drops
+
+
+def test_dropped_assignment_contributes_zero():
+    moe = MoE(d_model=4, d_ff=8, num_experts=2, top_k=1, capacity_factor=0.5).double()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0  # every token with x0 > 0 prefers expert 0
+    x = torch.randn(12, 4, dtype=torch.float64)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    out = moe(x)
+    kept = out.routing.kept_TK[:, 0]
+    assert (~kept).sum() == 12 - 3  # capacity ceil(0.5·12·1/2) = 3
+    assert out.y[~kept].abs().max() == 0
+    expected = out.routing.weights_TK[kept, :1] * moe.experts.forward_expert(0, x[kept])
+    torch.testing.assert_close(out.y[kept], expected)
+
+
+def test_probability_priority_keeps_the_most_confident_tokens():
+    priority = torch.tensor([[0.1], [0.9], [0.5], [0.7], [0.3]])
+    indices = torch.zeros(5, 1, dtype=torch.long)
+    plan = plan_dispatch(indices, 2, capacity=2, priority_TK=priority, drop_priority="probability")
+    assert plan.kept_TK[:, 0].tolist() == [False, True, False, True, False]
+    assert sorted(plan.order_R.tolist()) == [1, 3]
+
+
+def test_position_priority_prefers_first_choices_then_earlier_tokens():
+    indices = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]])
+    plan = plan_dispatch(indices, 2, capacity=3, priority_TK=torch.rand(4, 2), drop_priority="position")
+    # Expert 0: first choices of tokens 1 and 3, then second choices of tokens 0, 2 → drops token 2's.
+    assert plan.kept_TK.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+    assert int(plan.num_dropped) == 2
+
+
+@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+def test_large_capacity_equals_dropless(path):
+    moe = MoE(d_model=8, d_ff=8, num_experts=4, top_k=2, compute=path)
+    x = torch.randn(30, 8)
+    dropless = run_path(moe, path, x)
+    moe.config.capacity_factor = 1e6
+    capped = run_path(moe, path, x)
+    torch.testing.assert_close(capped[0].y, dropless[0].y)
+    assert int(capped[0].routing.num_dropped) == 0
+    for name in dropless[1]:
+        torch.testing.assert_close(capped[1][name], dropless[1][name])
