@@ -11,9 +11,9 @@ The fine-grained shape (E = 64, K = 8, F = 128) is also run through
 transformers' Qwen3MoeSparseMoeBlock with its grouped_mm experts, configured
 the same way; ratio = t_transformers / t_moekit (above 1: moekit is faster).
 
-Medians of --reps timed runs after --warmup, the candidates interleaved in one
+Medians of --repeats timed runs after --warmup, the candidates interleaved in one
 process so that load from other processes hits them alike. Prints a table and
-writes JSON (default bench-results/routers.json).
+writes JSON (default bench-results/routers.json, --json to change).
 
     .venv/bin/python benchmarks/routers.py            # CPU fp32, a few minutes on 2 cores
     .venv/bin/python benchmarks/routers.py --quick    # smaller, for a smoke run
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from moekit import MoE, MoEConfig, StackedExperts
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moekit import MoE, MoEConfig, StackedExperts  # noqa: E402
+from timing import machine_info, median, median_times  # noqa: E402
 
 ROUTER_FIELDS = {
     "softmax": {"router": "softmax"},
@@ -61,37 +62,18 @@ def active_experts(name: str, config: MoEConfig, seq_len: int) -> float:
     return k + config.num_shared_experts * config.shared_d_ff / config.d_ff
 
 
-def timed(step, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def fwd_bwd(module: torch.nn.Module, forward, x: torch.Tensor, grad: torch.Tensor):
     def step():
         for p in module.parameters():
             p.grad = None
         x.grad = None
-        y = forward(x)
-        y.backward(grad)
+        forward(x).backward(grad)
 
     return step
 
 
-def interleaved_medians(steps: dict, reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step, the steps run round-robin so drift hits all alike."""
-    for step in steps.values():
-        timed(step, 0, warmup)
-    samples = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            samples[name] += timed(step, 1, 0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
+    return {name: median(t) for name, t in median_times(steps, repeats, warmup).items()}
 
 
 def dense_swiglu(d_model: int, hidden: int) -> StackedExperts:
@@ -118,7 +100,7 @@ def router_rows(args) -> list[dict]:
             "moe": fwd_bwd(moe, lambda x, m=moe: m(x, token_ids=token_ids).y, x, grad),
             "dense": fwd_bwd(dense, lambda x, d=dense: d.forward_expert(0, x), x, grad),
         }
-        t = interleaved_medians(steps, args.reps, args.warmup)
+        t = interleaved_medians(steps, args.repeats, args.warmup)
         rows.append({
             "router": name, "T": B * L, "D": D, "F": F, "E": E, "K_active": k_active,
             "t_moe_ms": 1e3 * t["moe"], "t_dense_ms": 1e3 * t["dense"], "eta": t["dense"] / t["moe"],
@@ -128,20 +110,23 @@ def router_rows(args) -> list[dict]:
     return rows
 
 
-def transformers_block(D: int, F: int, E: int, K: int):
-    """transformers' Qwen3-MoE block with grouped_mm experts, or None when unavailable."""
+def qwen3_block(moe: MoE):
+    """transformers' Qwen3-MoE block with grouped_mm experts holding exactly moekit's
+    weights (same softmax top-k routing, renormalised), or None without transformers."""
     try:
         from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     except ImportError:
         return None
-    config = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K,
-                            norm_topk_prob=True, hidden_act="silu")
+    c = moe.config
+    config = Qwen3MoeConfig(hidden_size=c.d_model, moe_intermediate_size=c.d_ff, num_experts=c.num_experts,
+                            num_experts_per_tok=c.top_k, norm_topk_prob=True, hidden_act="silu")
     config._experts_implementation = "grouped_mm"
     block = Qwen3MoeSparseMoeBlock(config)
     with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(moe.experts.w_in)
+        block.experts.down_proj.copy_(moe.experts.w_out)
     return block
 
 
@@ -151,16 +136,20 @@ def fine_grained_rows(args) -> list[dict]:
     grad = torch.randn(B, L, D)
     dense = dense_swiglu(D, K * F)
     steps = {"dense": fwd_bwd(dense, lambda x: dense.forward_expert(0, x), x, grad)}
-    moes = {}
     for compute in ("segment", "grouped_mm"):
         torch.manual_seed(0)
         moe = MoE(MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, router="topk", compute=compute))
-        moes[compute] = moe
+        with torch.no_grad():
+            moe.router.weight.normal_(0, 0.5)  # decisive routing, so both libraries pick the same experts
         steps[f"moekit_{compute}"] = fwd_bwd(moe, lambda x, m=moe: m(x).y, x, grad)
-    block = transformers_block(D, F, E, K)
+    block = qwen3_block(moe)
     if block is not None:
+        with torch.no_grad():
+            difference = (block(x) - moe(x).y).abs().max().item()
+        if difference > 1e-4:
+            raise RuntimeError(f"transformers' block and moekit disagree by {difference:.2e}: not the same layer")
         steps["transformers_grouped_mm"] = fwd_bwd(block, block, x, grad)
-    t = interleaved_medians(steps, args.reps, args.warmup)
+    t = interleaved_medians(steps, args.repeats, args.warmup)
     rows = []
     for name, seconds in t.items():
         if name == "dense":
@@ -185,28 +174,31 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--compute", default="auto")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="T = 256, D = 64, 5 reps: a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("bench-results/routers.json"))
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="T = 256, D = 64, 5 repeats: a smoke run")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/routers.json"))
     args = parser.parse_args()
     if args.quick:
-        args.d_model, args.d_ff, args.seq_len, args.batch, args.reps, args.warmup = 64, 64, 64, 4, 5, 1
+        args.d_model, args.d_ff, args.seq_len, args.batch, args.repeats, args.warmup = 64, 64, 64, 4, 5, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"CPU fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.reps} fwd+bwd after {args.warmup} warm-up")
+    machine = machine_info()
+    print(f"CPU fp32, {machine}; median of {args.repeats} fwd+bwd after {args.warmup} warm-up")
     print(f"\nRouters: T={args.batch * args.seq_len}, D={args.d_model}, F={args.d_ff}, E={args.experts}, "
           f"K={args.top_k}, compute={args.compute}")
     routers = router_rows(args)
     print(f"\nFine-grained: T={args.batch * args.seq_len}, D={args.d_model}, F=128, E=64, K=8")
     fine = fine_grained_rows(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "device": "cpu", "dtype": "float32", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "reps": args.reps, "warmup": args.warmup, "routers": routers, "fine_grained": fine,
+        "device": "cpu", "dtype": "float32", "machine": machine, "repeats": args.repeats,
+        "warmup": args.warmup, "routers": routers, "fine_grained": fine,
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
