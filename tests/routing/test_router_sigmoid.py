@@ -194,3 +194,16 @@ def test_sigmoid_config_errors_name_the_value(fields, message):
     base = {"d_model": 4, "d_ff": 4, "num_experts": 4, "top_k": 1, "router": "sigmoid"}
     with pytest.raises(ValueError, match=message):
         MoEConfig(**{**base, **fields})
+
+
+def test_bias_and_load_survive_a_cast_to_bfloat16():
+    moe = MoE(MoEConfig(d_model=8, d_ff=8, num_experts=4, router="sigmoid")).to(torch.bfloat16).train()
+    assert moe.router.expert_bias_E.dtype == torch.float32
+    assert moe.router.load_since_update_E.dtype == torch.long
+    moe.router.expert_bias_E.fill_(0.3)  # bfloat16 spacing near 0.3 is ~0.002 > γ = 0.001
+    moe(torch.randn(64, 8, dtype=torch.bfloat16))
+    assert moe.router.load_since_update_E.sum().item() == 64 * 2
+    moe.router.update_bias()
+    moved = (moe.router.expert_bias_E - 0.3).abs()
+    assert torch.all((moved < 1e-6) | torch.isclose(moved, torch.tensor(0.001), atol=1e-6))
+    assert moved.max() > 0.0005

@@ -83,7 +83,18 @@ class SigmoidRouter(Router):
         super().__init__(config)
         # The balancing bias is state, not a parameter: no gradient ever reaches it.
         self.register_buffer("expert_bias_E", torch.zeros(config.num_experts))
-        self.register_buffer("load_since_update_E", torch.zeros(config.num_experts), persistent=False)
+        # Counted as integers, so that casting the model to a low precision leaves them exact.
+        self.register_buffer(
+            "load_since_update_E", torch.zeros(config.num_experts, dtype=torch.long), persistent=False
+        )
+
+    def _apply(self, fn, recurse=True):
+        bias_E = self.expert_bias_E
+        super()._apply(fn, recurse)
+        if self.expert_bias_E.dtype in (torch.float16, torch.bfloat16):
+            # Steps of γ = 0.001 vanish in bfloat16 near typical bias values: keep float32.
+            self.expert_bias_E = bias_E.to(device=self.expert_bias_E.device, dtype=torch.float32)
+        return self
 
     def route(
         self,
@@ -123,7 +134,7 @@ class SigmoidRouter(Router):
 
     @torch.no_grad()
     def _count_load(self, indices_TK: Tensor, valid_T: Tensor | None) -> None:
-        ones_TK = torch.ones_like(indices_TK, dtype=self.load_since_update_E.dtype)
+        ones_TK = torch.ones_like(indices_TK)
         if valid_T is not None:
             ones_TK = ones_TK * valid_T[:, None]
         self.load_since_update_E.scatter_add_(0, indices_TK.reshape(-1), ones_TK.reshape(-1))
@@ -139,8 +150,9 @@ class SigmoidRouter(Router):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every data-parallel rank must move its bias the same way.
             torch.distributed.all_reduce(load_E)
+        load_E = load_E.to(self.expert_bias_E.dtype)
         self.expert_bias_E += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
-        load_E.zero_()
+        self.load_since_update_E.zero_()
 
     def extra_repr(self) -> str:
         c = self.config
