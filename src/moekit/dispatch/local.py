@@ -57,18 +57,21 @@ def plan_dispatch(
     priority_TK: Tensor | None = None,
     drop_priority: str = "probability",
     valid_T: Tensor | None = None,
+    active_TK: Tensor | None = None,
 ) -> DispatchPlan:
     """Sort assignments by expert; drop those over capacity and those of padding.
 
     With ``capacity`` set, each expert keeps at most ``capacity`` assignments:
     by ``drop_priority="probability"`` the highest ``priority_TK`` first, by
     ``"position"`` first choices before second choices and earlier tokens first.
-    The dropless, unpadded case needs no host sync.
+    Assignments outside ``active_TK`` (declined by the router) are left out
+    like padding and not counted as dropped. The dropless, unpadded case needs
+    no host sync.
     """
     T, K = indices_TK.shape
     device = indices_TK.device
     flat_E = indices_TK.reshape(-1)
-    if capacity is None and valid_T is None:
+    if capacity is None and valid_T is None and active_TK is None:
         order_R = torch.argsort(flat_E, stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
@@ -80,6 +83,8 @@ def plan_dispatch(
     # Padding goes to a sentinel expert E, which sorts last and is cut off below.
     if valid_T is not None:
         flat_E = torch.where(valid_T.repeat_interleave(K), flat_E, num_experts)
+    if active_TK is not None:
+        flat_E = torch.where(active_TK.reshape(-1), flat_E, num_experts)
     if capacity is None:
         candidate_order = torch.arange(T * K, device=device)
     elif drop_priority == "probability":
