@@ -7,10 +7,14 @@ import torch
 
 pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
@@ -32,6 +36,13 @@ FAMILIES = {
     "qwen3_moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**TINY, intermediate_size=64, moe_intermediate_size=48,
                                                               num_experts=4, norm_topk_prob=False)),
     "olmoe": (OlmoeForCausalLM, lambda: OlmoeConfig(**TINY, intermediate_size=48, num_experts=4)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(**TINY, intermediate_size=64, moe_intermediate_size=48,
+                                                              shared_expert_intermediate_size=40, num_experts=4,
+                                                              norm_topk_prob=True)),
+    "deepseek_v3": (DeepseekV3ForCausalLM, lambda: DeepseekV3Config(
+        **{**TINY, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=0, kv_lora_rank=16,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
 }
 
 
@@ -41,13 +52,16 @@ def _model(family):
     model = cls(config()).eval()
     with torch.no_grad():  # router weights start at zero in some families: give them a real choice
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or "experts" in name:
+            if name.endswith("gate.weight") or "experts" in name or "shared_expert" in name:
                 p.normal_(std=0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.1)
     return model
 
 
 def _blocks(model):
-    return [m for m in model.modules() if type(m).__name__.endswith(("SparseMoeBlock",))]
+    return [m for m in model.modules() if type(m).__name__.endswith(("SparseMoeBlock", "V3MoE"))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,11 +8,17 @@
 downloaded: models come from a local config or a local ``save_pretrained``
 folder.
 
-Supported families (transformers v5 block classes): Mixtral
-(``MixtralSparseMoeBlock``), Qwen3-MoE (``Qwen3MoeSparseMoeBlock``) and OLMoE
-(``OlmoeSparseMoeBlock``): top-k softmax routing, SwiGLU experts stacked as
-``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F), the same layout moekit
-uses, so weights copy without reshaping.
+Supported families (transformers v5 block classes), all with SwiGLU experts
+stacked as ``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F), the layout
+moekit uses, so weights copy without reshaping:
+
+- Mixtral (``MixtralSparseMoeBlock``), Qwen3-MoE (``Qwen3MoeSparseMoeBlock``),
+  OLMoE (``OlmoeSparseMoeBlock``): top-k softmax routing;
+- Qwen2-MoE (``Qwen2MoeSparseMoeBlock``): the same, plus a shared expert scaled
+  by sigmoid(x·w_shared_gate);
+- DeepSeek-V3 (``DeepseekV3MoE``): sigmoid router whose correction bias enters
+  only the choice of experts, group-limited routing, routed scaling factor,
+  shared experts.
 
 Shapes: D model dim, F expert hidden dim, E experts.
 """
@@ -41,6 +47,8 @@ class Family:
     num_experts_attr: str
     expert_size_attr: str
     always_normalize: bool = False
+    router: str = "topk"
+    shared: str | None = None  # None, "qwen2" (one gated shared expert) or "deepseek"
 
     def block_type(self) -> type[nn.Module]:
         import importlib
@@ -57,6 +65,10 @@ FAMILIES: dict[str, Family] = {
                "num_experts", "moe_intermediate_size"),
         Family("olmoe", "OlmoeSparseMoeBlock", "transformers.models.olmoe.modeling_olmoe",
                "num_experts", "intermediate_size"),
+        Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "transformers.models.qwen2_moe.modeling_qwen2_moe",
+               "num_experts", "moe_intermediate_size", shared="qwen2"),
+        Family("deepseek_v3", "DeepseekV3MoE", "transformers.models.deepseek_v3.modeling_deepseek_v3",
+               "num_local_experts", "moe_intermediate_size", router="sigmoid", shared="deepseek"),
     )
 }
 
@@ -92,13 +104,74 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
         d_ff=getattr(config, family.expert_size_attr),
         num_experts=getattr(config, family.num_experts_attr),
         top_k=config.num_experts_per_tok,
-        router="topk",
+        router=family.router,
         expert=_HF_ACTIVATION_TO_EXPERT[activation],
         normalize_weights=normalize,
-        load_balance_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
     )
+    if family.router == "sigmoid":
+        fields.update(num_expert_groups=config.n_group, topk_groups=config.topk_group,
+                      routed_scaling_factor=float(config.routed_scaling_factor), load_balance_coef=0.0)
+    else:
+        fields["load_balance_coef"] = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if family.shared == "qwen2":
+        fields.update(num_shared_experts=1, shared_d_ff=config.shared_expert_intermediate_size,
+                      shared_expert_gate=True)
+    elif family.shared == "deepseek":
+        fields.update(num_shared_experts=config.n_shared_experts, shared_d_ff=config.moe_intermediate_size)
     fields.update(overrides)
     return MoEConfig(**fields)
+
+
+def _shared_mlp(block: nn.Module) -> nn.Module | None:
+    for name in ("shared_expert", "shared_experts"):
+        if getattr(block, name, None) is not None:
+            return getattr(block, name)
+    return None
+
+
+class _GatedPair:
+    """A GLU input weight that transformers splits into gate_proj and up_proj (gate rows first)."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
+
+    def read(self) -> Tensor:
+        return torch.cat([self.mlp.gate_proj.weight, self.mlp.up_proj.weight])
+
+    def write(self, w_in_HD: Tensor) -> None:
+        F = self.mlp.gate_proj.weight.shape[0]
+        self.mlp.gate_proj.weight.copy_(w_in_HD[:F])
+        self.mlp.up_proj.weight.copy_(w_in_HD[F:])
+
+
+class _Plain:
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def read(self) -> Tensor:
+        return self.tensor
+
+    def write(self, value: Tensor) -> None:
+        self.tensor.copy_(value)
+
+
+def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair, Tensor]]:
+    """(transformers slot, moekit tensor) for every weight the two hold in common."""
+    pairs = [
+        (_Plain(block.gate.weight), moe.router.weight),
+        (_Plain(block.experts.gate_up_proj), moe.experts.w_in),
+        (_Plain(block.experts.down_proj), moe.experts.w_out),
+    ]
+    if hasattr(block.gate, "e_score_correction_bias"):
+        pairs.append((_Plain(block.gate.e_score_correction_bias), moe.router.expert_bias_E))
+    mlp = _shared_mlp(block)
+    if mlp is not None:
+        shared = moe.shared_experts
+        pairs.append((_GatedPair(mlp), shared.ffn.w_in[0]))
+        pairs.append((_Plain(mlp.down_proj.weight), shared.ffn.w_out[0]))
+        if getattr(block, "shared_expert_gate", None) is not None:
+            pairs.append((_Plain(block.shared_expert_gate.weight), shared.gate.weight))
+    return pairs
 
 
 @torch.no_grad()
@@ -110,10 +183,8 @@ def from_hf_block(block: nn.Module, **overrides) -> MoE:
     moe = MoE(config_from_hf(block, **overrides))
     weight = block.experts.gate_up_proj
     moe.to(device=weight.device, dtype=weight.dtype)
-    moe.router.weight.copy_(block.gate.weight)
-    moe.experts.w_in.copy_(block.experts.gate_up_proj)
-    moe.experts.w_out.copy_(block.experts.down_proj)
-    moe.hf_family = _family_of(block).block_class
+    for hf_slot, moekit_tensor in _weight_pairs(block, moe):
+        moekit_tensor.copy_(hf_slot.read())
     return moe
 
 
@@ -131,9 +202,8 @@ def to_hf_block(moe: MoE, config: Any, family: str) -> nn.Module:
         raise ValueError(
             f"moekit experts w_in {tuple(moe.experts.w_in.shape)} do not fit {family}'s gate_up_proj {expected}"
         )
-    block.gate.weight.copy_(moe.router.weight)
-    block.experts.gate_up_proj.copy_(moe.experts.w_in)
-    block.experts.down_proj.copy_(moe.experts.w_out)
+    for hf_slot, moekit_tensor in _weight_pairs(block, moe):
+        hf_slot.write(moekit_tensor)
     return block
 
 
