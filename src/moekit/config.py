@@ -41,6 +41,11 @@ class MoEConfig:
             For ``expert_choice`` it is the average number of experts per token
             (``None``: ``top_k``) and each expert takes ``ceil(capacity_factor · T / E)``
             tokens.
+        expert_capacity: an absolute capacity per expert (per sequence with
+            ``capacity_per_sequence``), instead of ``capacity_factor``.
+        capacity_per_sequence: apply capacity within each sequence (the input's
+            second-to-last dim) rather than over the whole batch, as Switch
+            Transformers does; C then counts the sequence's tokens.
         drop_priority: which assignments an expert keeps when over capacity:
             ``probability`` (highest router probability first) or ``position``
             (first choices before second choices, earlier tokens first).
@@ -87,6 +92,8 @@ class MoEConfig:
     expert_bias: bool = False
     normalize_weights: bool = True
     capacity_factor: float | None = None
+    expert_capacity: int | None = None
+    capacity_per_sequence: bool = False
     drop_priority: str = "probability"
     router_jitter: float | None = None
     load_balance_coef: float = 0.01
@@ -136,6 +143,14 @@ class MoEConfig:
             cf = self.capacity_factor
             if isinstance(cf, bool) or not isinstance(cf, int | float) or not math.isfinite(cf) or cf <= 0:
                 raise ValueError(f"capacity_factor ({cf!r}) must be None (dropless) or a float > 0")
+        if self.expert_capacity is not None:
+            c = self.expert_capacity
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"expert_capacity ({c!r}) must be None or a positive integer")
+            if self.capacity_factor is not None:
+                raise ValueError(
+                    f"set capacity_factor ({self.capacity_factor}) or expert_capacity ({c}), not both"
+                )
         if self.drop_priority not in DROP_PRIORITIES:
             raise ValueError(
                 f"drop_priority ({self.drop_priority!r}) must be one of {', '.join(DROP_PRIORITIES)}"
@@ -229,6 +244,8 @@ class MoEConfig:
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take for ``num_tokens`` tokens (None: unlimited)."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)

@@ -41,8 +41,9 @@ class MoEOutput(NamedTuple):
 
 
 # --- compute paths ---------------------------------------------------------------
-# Each path maps (x_TD, routing, experts, capacity, drop_priority, out_dtype) to
-# (y_TD, tokens_per_expert_E, kept_TK, num_dropped).
+# Each path maps (x_TD, routing, experts, capacity, drop_priority, out_dtype,
+# group_size) to (y_TD, tokens_per_expert_E, kept_TK, num_dropped); group_size
+# is the number of consecutive tokens capacity applies to (None: all of them).
 
 PathResult = tuple[Tensor, Tensor, "Tensor | None", Tensor]
 
@@ -59,9 +60,20 @@ def reference_keep(
     drop_priority: str,
     valid_T: Tensor | None,
     active_TK: Tensor | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
-    """Which assignments an expert keeps, computed the plain way, one expert at a time."""
+    """Which assignments an expert keeps, computed the plain way, one expert at a time
+    (and one group of ``group_size`` tokens at a time when capacity is per group)."""
     T, K = indices_TK.shape
+    if group_size is not None and capacity is not None and T > group_size:
+        pieces = []
+        for start in range(0, T, group_size):
+            rows = slice(start, start + group_size)
+            pieces.append(reference_keep(
+                indices_TK[rows], priority_TK[rows], num_experts, capacity, drop_priority,
+                None if valid_T is None else valid_T[rows], None if active_TK is None else active_TK[rows],
+            ))
+        return torch.cat(pieces)
     keep_TK = torch.zeros(T, K, dtype=torch.bool, device=indices_TK.device)
     valid_TK = torch.ones_like(keep_TK) if valid_T is None else valid_T[:, None].expand(T, K)
     if active_TK is not None:
@@ -83,12 +95,12 @@ def reference_keep(
     return keep_TK
 
 
-def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> PathResult:
+def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
     """Reference: for each expert, find its tokens, run it, add weight · output."""
     E = experts.num_experts
     keep_TK = reference_keep(
         routing.indices_TK, _priority_TK(routing), E, capacity, drop_priority, routing.valid_T,
-        routing.active_TK,
+        routing.active_TK, group_size,
     )
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=routing.weights_TK.dtype)
     counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
@@ -109,7 +121,7 @@ def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> Pat
 
 
 def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
-    def path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> PathResult:
+    def path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
         plan = plan_dispatch(
             routing.indices_TK,
             experts.num_experts,
@@ -118,6 +130,7 @@ def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
             drop_priority=drop_priority,
             valid_T=routing.valid_T,
             active_TK=routing.active_TK,
+            capacity_group_size=group_size,
         )
         y_RD = run_rows(experts, gather_rows(x_TD, plan), plan.counts_E)
         y_TD = combine_rows(y_RD, routing.weights_TK, plan, out_dtype)
@@ -347,9 +360,12 @@ class MoE(nn.Module):
             y_TD, tokens_per_expert_E = soft_compute(path, x_TD, routing, self.experts, x.dtype)
             routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E)
         else:
-            capacity = self.config.capacity(x_TD.shape[0])
+            group_size = None
+            if self.config.capacity_per_sequence and x.dim() >= 3:
+                group_size = x.shape[-2]
+            capacity = self.config.capacity(group_size or x_TD.shape[0])
             y_TD, tokens_per_expert_E, kept_TK, num_dropped = COMPUTE_PATHS[path].run(
-                x_TD, routing, self.experts, capacity, self.config.drop_priority, x.dtype
+                x_TD, routing, self.experts, capacity, self.config.drop_priority, x.dtype, group_size
             )
             routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E, kept_TK=kept_TK, num_dropped=num_dropped)
         if self.shared_experts is not None:

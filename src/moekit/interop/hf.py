@@ -18,7 +18,10 @@ moekit uses, so weights copy without reshaping:
   by sigmoid(x·w_shared_gate);
 - DeepSeek-V3 (``DeepseekV3MoE``): sigmoid router whose correction bias enters
   only the choice of experts, group-limited routing, routed scaling factor,
-  shared experts.
+  shared experts;
+- Switch Transformers (``SwitchTransformersSparseMLP``): top-1 router with
+  input jitter, ReLU FFN experts (one module each, stacked here), an absolute
+  expert capacity applied per sequence with position priority.
 
 Shapes: D model dim, F expert hidden dim, E experts.
 """
@@ -69,6 +72,9 @@ FAMILIES: dict[str, Family] = {
                "num_experts", "moe_intermediate_size", shared="qwen2"),
         Family("deepseek_v3", "DeepseekV3MoE", "transformers.models.deepseek_v3.modeling_deepseek_v3",
                "num_local_experts", "moe_intermediate_size", router="sigmoid", shared="deepseek"),
+        Family("switch_transformers", "SwitchTransformersSparseMLP",
+               "transformers.models.switch_transformers.modeling_switch_transformers",
+               "num_experts", "d_ff", router="switch"),
     )
 }
 
@@ -82,17 +88,40 @@ def _family_of(block: nn.Module) -> Family:
     return FAMILIES[name]
 
 
-def _block_config(block: nn.Module) -> Any:
-    config = getattr(block.experts, "config", None)
+def _block_config(block: nn.Module, model_config: Any = None) -> Any:
+    config = getattr(block.experts, "config", None) or model_config
     if config is None:
-        raise TypeError(f"{type(block).__name__}.experts carries no config; expected a transformers v5 block")
+        raise TypeError(
+            f"{type(block).__name__} carries no config: pass the model's config (hf_config=model.config)"
+        )
     return config
 
 
-def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
+def _switch_config(config: Any, overrides: dict) -> MoEConfig:
+    if config.router_bias:
+        raise ValueError("Switch Transformers routers with router_bias=True are not supported (moekit gates have no bias)")
+    fields = dict(
+        d_model=config.d_model, d_ff=config.d_ff, num_experts=config.num_experts, router="switch",
+        expert="ffn", activation=_hf_activation(config.dense_act_fn), expert_capacity=config.expert_capacity,
+        capacity_per_sequence=True, drop_priority="position", router_jitter=float(config.router_jitter_noise),
+        load_balance_coef=float(config.router_aux_loss_coef), z_loss_coef=float(config.router_z_loss_coef),
+    )
+    fields.update(overrides)
+    return MoEConfig(**fields)
+
+
+def _hf_activation(name: str) -> str:
+    from .surgery import _hf_activation as activation
+
+    return activation(name)
+
+
+def config_from_hf(block: nn.Module, hf_config: Any = None, **overrides) -> MoEConfig:
     """The MoEConfig that reproduces a transformers MoE block."""
     family = _family_of(block)
-    config = _block_config(block)
+    config = _block_config(block, hf_config)
+    if family.name == "switch_transformers":
+        return _switch_config(config, overrides)
     activation = config.hidden_act
     if activation not in _HF_ACTIVATION_TO_EXPERT:
         raise ValueError(
@@ -157,6 +186,13 @@ class _Plain:
 
 def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair, Tensor]]:
     """(transformers slot, moekit tensor) for every weight the two hold in common."""
+    if type(block).__name__ == "SwitchTransformersSparseMLP":
+        pairs = [(_Plain(block.router.classifier.weight), moe.router.weight)]
+        for e in range(moe.config.num_experts):
+            expert = block.experts[f"expert_{e}"]
+            pairs.append((_Plain(expert.wi.weight), moe.experts.w_in[e]))
+            pairs.append((_Plain(expert.wo.weight), moe.experts.w_out[e]))
+        return pairs
     pairs = [
         (_Plain(block.gate.weight), moe.router.weight),
         (_Plain(block.experts.gate_up_proj), moe.experts.w_in),
@@ -175,14 +211,17 @@ def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair,
 
 
 @torch.no_grad()
-def from_hf_block(block: nn.Module, **overrides) -> MoE:
+def from_hf_block(block: nn.Module, hf_config: Any = None, **overrides) -> MoE:
     """A moekit MoE with the block's weights, dtype and device; same outputs.
 
-    ``overrides`` change config fields (e.g. ``compute="segment"``).
+    ``hf_config`` is the model's config, needed for blocks that keep none
+    (Switch Transformers); ``overrides`` change config fields (e.g.
+    ``compute="segment"``).
     """
-    moe = MoE(config_from_hf(block, **overrides))
-    weight = block.experts.gate_up_proj
+    moe = MoE(config_from_hf(block, hf_config, **overrides))
+    weight = next(block.parameters())
     moe.to(device=weight.device, dtype=weight.dtype)
+    moe.train(block.training)
     for hf_slot, moekit_tensor in _weight_pairs(block, moe):
         moekit_tensor.copy_(hf_slot.read())
     return moe
@@ -197,14 +236,14 @@ def to_hf_block(moe: MoE, config: Any, family: str) -> nn.Module:
         raise TypeError("only stacked experts can be exported to a transformers block")
     block = FAMILIES[family].block_type()(config)
     block.to(device=moe.experts.w_in.device, dtype=moe.experts.w_in.dtype)
-    expected = tuple(block.experts.gate_up_proj.shape)
-    if tuple(moe.experts.w_in.shape) != expected:
-        raise ValueError(
-            f"moekit experts w_in {tuple(moe.experts.w_in.shape)} do not fit {family}'s gate_up_proj {expected}"
-        )
+    for hf_slot, moekit_tensor in _weight_pairs(block, moe):
+        if tuple(hf_slot.read().shape) != tuple(moekit_tensor.shape):
+            raise ValueError(
+                f"moekit weight {tuple(moekit_tensor.shape)} does not fit {family}'s {tuple(hf_slot.read().shape)}"
+            )
     for hf_slot, moekit_tensor in _weight_pairs(block, moe):
         hf_slot.write(moekit_tensor)
-    return block
+    return block.train(moe.training)
 
 
 class HFMoEBlock(nn.Module):
@@ -240,10 +279,13 @@ def _replace_modules(model: nn.Module, match, build) -> int:
 
 def convert_model(model: nn.Module, **overrides) -> nn.Module:
     """Replace every supported MoE block of a transformers model in place; returns the model."""
+    model_config = getattr(model, "config", None)
     count = _replace_modules(
         model,
         lambda m: type(m).__name__ in FAMILIES,
-        lambda block: HFMoEBlock(from_hf_block(block, **overrides), _block_config(block), type(block).__name__),
+        lambda block: HFMoEBlock(
+            from_hf_block(block, model_config, **overrides), _block_config(block, model_config), type(block).__name__
+        ),
     )
     if count == 0:
         raise ValueError(
