@@ -176,13 +176,6 @@ class SoftRouting:
 AnyRouting = Routing | ExpertChoiceRouting | SoftRouting
 
 
-def valid_weights(valid_T: Tensor | None, num_tokens: int, device: torch.device) -> Tensor:
-    """Float weight per token: 1 for real tokens, 0 for padding."""
-    if valid_T is None:
-        return torch.ones(num_tokens, device=device, dtype=torch.float32)
-    return valid_T.to(torch.float32)
-
-
 class Router(nn.Module):
     """Base router: a linear gate ``logits = x·W_gᵀ`` computed in float32.
 
