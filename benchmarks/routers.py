@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import statistics
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moekit import MoE, MoEConfig, StackedExperts  # noqa: E402
-from timing import machine_info, median, median_times  # noqa: E402
+from moekit.bench import machine_info, median_times  # noqa: E402
 
 ROUTER_FIELDS = {
     "softmax": {"router": "softmax"},
@@ -73,7 +72,7 @@ def fwd_bwd(module: torch.nn.Module, forward, x: torch.Tensor, grad: torch.Tenso
 
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
-    return {name: median(t) for name, t in median_times(steps, repeats, warmup).items()}
+    return {name: statistics.median(t) for name, t in median_times(steps, repeats, warmup).items()}
 
 
 def dense_swiglu(d_model: int, hidden: int) -> StackedExperts:

@@ -238,3 +238,14 @@ def test_dropless_grouped_mm_compiles_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(moe, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x).y, moe(x).y)
+
+
+def test_debug_balanced_routing_spreads_tokens_evenly():
+    moe = MoE(d_model=8, d_ff=8, num_experts=4, top_k=2, debug_balanced_routing=True)
+    with torch.no_grad():
+        moe.router.weight.mul_(100)  # a collapsed router underneath
+    out = moe(torch.randn(16, 8))
+    assert out.routing.tokens_per_expert_E.tolist() == [8, 8, 8, 8]
+    assert (out.routing.indices_TK[:, 0] != out.routing.indices_TK[:, 1]).all()
+    ref = run_path(moe, "loop", torch.randn(16, 8))[0]
+    assert ref.routing.tokens_per_expert_E.tolist() == [8, 8, 8, 8]

@@ -80,6 +80,10 @@ class MoEConfig:
         compute: compute path by name (see ``moekit.COMPUTE_PATHS``).
         check_finite: raise ``FloatingPointError`` when the input holds NaN/Inf
             (costs one host sync per call).
+        debug_balanced_routing: replace the router's choice by a perfectly
+            balanced one (token t's k-th expert is (t·K + k) mod E, weights
+            1/K), so throughput can be measured whatever the router learned.
+            For benchmarks only; token-choice routers only.
     """
 
     d_model: int
@@ -115,6 +119,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     compute: str = "auto"
     check_finite: bool = False
+    debug_balanced_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts"):

@@ -11,7 +11,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -28,6 +28,33 @@ from .routing import (
     build_router,
     routing_stats,
 )
+
+
+class LazyStats(Mapping):
+    """``routing_stats`` of a record, computed when first read: monitoring that
+    nobody reads costs nothing in the forward pass."""
+
+    def __init__(self, routing: AnyRouting):
+        self._routing = routing
+        self._stats: dict[str, Tensor] | None = None
+
+    def _computed(self) -> dict[str, Tensor]:
+        if self._stats is None:
+            self._stats = routing_stats(self._routing)
+            self._routing = None
+        return self._stats
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._computed()[name]
+
+    def __iter__(self):
+        return iter(self._computed())
+
+    def __len__(self) -> int:
+        return len(self._computed())
+
+    def __repr__(self) -> str:
+        return f"LazyStats({self._computed()!r})"
 
 
 class MoEOutput(NamedTuple):
@@ -242,6 +269,18 @@ def resolve_path(name: str, experts: nn.Module, x_TD: Tensor) -> str:
     return name
 
 
+def balanced_routing(routing: Routing) -> Routing:
+    """The same record with a perfectly balanced choice: expert (t·K + k) mod E, weight 1/K."""
+    if not isinstance(routing, Routing):
+        raise ValueError("debug_balanced_routing applies to token-choice routers only")
+    T, K = routing.indices_TK.shape
+    E = routing.probs_TE.shape[1]
+    t_T = torch.arange(T, device=routing.indices_TK.device)
+    indices_TK = (t_T[:, None] * K + torch.arange(K, device=t_T.device)) % E
+    weights_TK = torch.full_like(routing.weights_TK, 1.0 / K)
+    return routing.replace(indices_TK=indices_TK, weights_TK=weights_TK)
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts layer: y = Σ_{i ∈ chosen} G(x)_i · E_i(x).
 
@@ -352,6 +391,8 @@ class MoE(nn.Module):
                 )
             route_kwargs["token_ids_T"] = token_ids.reshape(-1)
         routing = self.router(x_TD, valid_T=valid_T, **route_kwargs)
+        if self.config.debug_balanced_routing:
+            routing = balanced_routing(routing)
         path = resolve_path(self.config.compute, self.experts, x_TD)
         if isinstance(routing, ExpertChoiceRouting):
             y_TD, tokens_per_expert_E = expert_choice_compute(path, x_TD, routing, self.experts, x.dtype)
@@ -373,7 +414,7 @@ class MoE(nn.Module):
             if valid_T is not None:
                 shared_TD = shared_TD * valid_T[:, None].to(shared_TD.dtype)
             y_TD = y_TD + shared_TD.to(y_TD.dtype)
-        routing = routing.replace(stats=routing_stats(routing))
+        routing = routing.replace(stats=LazyStats(routing))
         return MoEOutput(y_TD.view(x.shape), self._aux_loss(routing, x_TD), routing)
 
     def _aux_loss(self, routing: AnyRouting, x_TD: Tensor) -> Tensor:

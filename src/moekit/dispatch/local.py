@@ -78,8 +78,7 @@ def plan_dispatch(
         order_R = torch.argsort(flat_E, stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
-        inverse_R = torch.empty_like(order_R)
-        inverse_R[order_R] = torch.arange(T * K, device=device)
+        inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=device))
         no_drops = torch.zeros((), dtype=torch.long, device=device)
         return DispatchPlan(order_R, counts_E, None, no_drops, K, inverse_R)
 
