@@ -122,8 +122,12 @@ class MLPGate:
         return torch.log_softmax(logits, dim=1).numpy()
 
     def penalty_torch(self, module: torch.nn.Module) -> torch.Tensor:
-        return 0.5 * self.alpha * sum(
-            layer.weight.pow(2).sum() for layer in module if isinstance(layer, torch.nn.Linear)
+        return (
+            0.5
+            * self.alpha
+            * sum(
+                layer.weight.pow(2).sum() for layer in module if isinstance(layer, torch.nn.Linear)
+            )
         )
 
     def fit(self, X_ND: np.ndarray, targets_NE: np.ndarray) -> MLPGate:
@@ -174,7 +178,9 @@ class MixtureGate:
     in branch b, each branch holding E/B consecutive experts.
     """
 
-    def __init__(self, X_full, *, n_experts, feature_indices, kind, alpha, hidden, n_branches, seed):
+    def __init__(
+        self, X_full, *, n_experts, feature_indices, kind, alpha, hidden, n_branches, seed
+    ):
         self.n_experts = n_experts
         self.feature_indices = feature_indices
         self.n_branches = n_branches

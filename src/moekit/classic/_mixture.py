@@ -127,9 +127,7 @@ class _MixtureOfExpertsBase(BaseEstimator):
         if self.gate == "mlp" and (
             not all(isinstance(h, numbers.Integral) and h > 0 for h in np.atleast_1d(hidden))
         ):
-            raise ValueError(
-                f"gate_hidden_layer_sizes must be positive integers, got {hidden!r}"
-            )
+            raise ValueError(f"gate_hidden_layer_sizes must be positive integers, got {hidden!r}")
         return self._gate_feature_indices(n_features)
 
     def _gate_feature_indices(self, n_features):
@@ -200,18 +198,31 @@ class _MixtureOfExpertsBase(BaseEstimator):
         parts = self._check_groups(groups, X.shape[0])
         rng = check_random_state(self.random_state)
 
-        run = {"em": self._run_em, "two_stage": self._run_two_stage,
-               "gradient": self._run_gradient}[self.method]
+        run = {
+            "em": self._run_em,
+            "two_stage": self._run_two_stage,
+            "gradient": self._run_gradient,
+        }[self.method]
         best = None
-        with _one_thread(), tqdm(total=self.n_init * self.max_iter, disable=not self.verbose,
-                  desc=f"{type(self).__name__} ({self.method})") as progress:
+        with (
+            _one_thread(),
+            tqdm(
+                total=self.n_init * self.max_iter,
+                disable=not self.verbose,
+                desc=f"{type(self).__name__} ({self.method})",
+            ) as progress,
+        ):
             for _ in range(self.n_init):
                 seed = int(rng.randint(np.iinfo(np.int32).max))
                 gate = MixtureGate(
-                    X, n_experts=self.n_experts, feature_indices=feature_indices,
-                    kind=self.gate, alpha=float(self.gate_alpha),
+                    X,
+                    n_experts=self.n_experts,
+                    feature_indices=feature_indices,
+                    kind=self.gate,
+                    alpha=float(self.gate_alpha),
                     hidden=np.atleast_1d(self.gate_hidden_layer_sizes).tolist(),
-                    n_branches=self.n_branches, seed=seed,
+                    n_branches=self.n_branches,
+                    seed=seed,
                 )
                 result = run(X, y_enc, prototypes, gate, parts, seed, progress)
                 if best is None or result["log_likelihood"][-1] > best["log_likelihood"][-1]:
@@ -240,9 +251,7 @@ class _MixtureOfExpertsBase(BaseEstimator):
             raise ValueError(f"groups is only used by method='two_stage', not {self.method!r}")
         groups = np.asarray(groups)
         if groups.shape != (n_samples,):
-            raise ValueError(
-                f"groups must have shape ({n_samples},) like y, got {groups.shape}"
-            )
+            raise ValueError(f"groups must have shape ({n_samples},) like y, got {groups.shape}")
         values, parts = np.unique(groups, return_inverse=True)
         if len(values) != self.n_experts:
             raise ValueError(
@@ -298,8 +307,13 @@ class _MixtureOfExpertsBase(BaseEstimator):
                 break
             # E-step: h_e = g_e·P_e / Σ_j g_j·P_j.
             responsibilities_NE = np.exp(log_joint_NE - log_lik_N[:, None])
-        return {"experts": experts, "gate": gate, "noise_var": noise_var,
-                "log_likelihood": history, "converged": converged}
+        return {
+            "experts": experts,
+            "gate": gate,
+            "noise_var": noise_var,
+            "log_likelihood": history,
+            "converged": converged,
+        }
 
     def _run_two_stage(self, X, y_enc, prototypes, gate, parts, seed, progress):
         rng = np.random.RandomState(seed)
@@ -332,8 +346,13 @@ class _MixtureOfExpertsBase(BaseEstimator):
         gate.load_torch(modules)
         log_lik = logsumexp(self._log_joint(gate, experts, noise_var, X, y_enc), axis=1).mean()
         progress.update(self.max_iter)
-        return {"experts": experts, "gate": gate, "noise_var": noise_var,
-                "log_likelihood": [float(log_lik)], "converged": True}
+        return {
+            "experts": experts,
+            "gate": gate,
+            "noise_var": noise_var,
+            "log_likelihood": [float(log_lik)],
+            "converged": True,
+        }
 
     def _run_gradient(self, X, y_enc, prototypes, gate, parts, seed, progress):
         rng = np.random.RandomState(seed)
@@ -347,8 +366,9 @@ class _MixtureOfExpertsBase(BaseEstimator):
         gate_modules = gate.torch_modules()
         expert_params = self._experts_to_torch(experts, noise_var)
         params = [p for m in gate_modules for p in m.parameters()] + list(expert_params.values())
-        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20,
-                                      line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
+        )
 
         def mean_log_likelihood():
             log_joint = gate.torch_log_proba(gate_modules, X_t) + self._torch_log_expert_likelihood(
@@ -358,8 +378,11 @@ class _MixtureOfExpertsBase(BaseEstimator):
 
         def closure():
             optimizer.zero_grad()
-            loss = (-mean_log_likelihood() + gate.torch_penalty(gate_modules)
-                    + self._torch_expert_penalty(expert_params, X.shape[0]))
+            loss = (
+                -mean_log_likelihood()
+                + gate.torch_penalty(gate_modules)
+                + self._torch_expert_penalty(expert_params, X.shape[0])
+            )
             loss.backward()
             return loss
 
@@ -377,8 +400,13 @@ class _MixtureOfExpertsBase(BaseEstimator):
                 break
         gate.load_torch(gate_modules)
         noise_var = self._experts_from_torch(experts, expert_params)
-        return {"experts": experts, "gate": gate, "noise_var": noise_var,
-                "log_likelihood": history, "converged": converged}
+        return {
+            "experts": experts,
+            "gate": gate,
+            "noise_var": noise_var,
+            "log_likelihood": history,
+            "converged": converged,
+        }
 
     # ---- inspection ----------------------------------------------------------------------
     def _validated(self, X):
@@ -402,8 +430,9 @@ class _MixtureOfExpertsBase(BaseEstimator):
         """log p(y | x) under the mixture, per sample, shape (n_samples,)."""
         X = self._validated(X)
         y_enc = self._encode_known_targets(y)
-        return logsumexp(self._log_joint(self.gate_, self.experts_, self._noise(), X, y_enc),
-                         axis=1)
+        return logsumexp(
+            self._log_joint(self.gate_, self.experts_, self._noise(), X, y_enc), axis=1
+        )
 
     def _noise(self):
         return getattr(self, "noise_variance_", None)
@@ -511,8 +540,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureOfExpertsBase):
         return y
 
     def _expert_outputs(self, experts, X):
-        return np.stack([np.asarray(e.predict(X), dtype=np.float64).ravel() for e in experts],
-                        axis=1)
+        return np.stack(
+            [np.asarray(e.predict(X), dtype=np.float64).ravel() for e in experts], axis=1
+        )
 
     def _log_expert_likelihood(self, means_NE, y, noise_var_E):
         return -0.5 * (np.log(2 * np.pi * noise_var_E) + (y[:, None] - means_NE) ** 2 / noise_var_E)
@@ -549,22 +579,33 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureOfExpertsBase):
 
     def _experts_to_torch(self, experts, noise_var):
         return {
-            "weight_EF": torch.tensor(np.ascontiguousarray(np.stack([e.coef_.ravel() for e in experts])),
-                                      requires_grad=True),
-            "bias_E": torch.tensor([float(np.ravel(e.intercept_)[0]) if np.ndim(e.intercept_)
-                                    else float(e.intercept_) for e in experts],
-                                   dtype=torch.float64, requires_grad=True),
+            "weight_EF": torch.tensor(
+                np.ascontiguousarray(np.stack([e.coef_.ravel() for e in experts])),
+                requires_grad=True,
+            ),
+            "bias_E": torch.tensor(
+                [
+                    float(np.ravel(e.intercept_)[0])
+                    if np.ndim(e.intercept_)
+                    else float(e.intercept_)
+                    for e in experts
+                ],
+                dtype=torch.float64,
+                requires_grad=True,
+            ),
             # Variance = floor + exp(log_excess): positive and never under the floor.
             "log_excess_variance_E": torch.tensor(
                 np.log(np.maximum(noise_var - self._min_variance, 1e-300) + 1e-30),
-                requires_grad=True),
+                requires_grad=True,
+            ),
         }
 
     def _torch_log_expert_likelihood(self, params, X_t, y_t):
         means_NE = X_t @ params["weight_EF"].T + params["bias_E"]
         variance_E = self._min_variance + params["log_excess_variance_E"].exp()
-        return -0.5 * (torch.log(2 * torch.pi * variance_E) + (y_t[:, None] - means_NE) ** 2
-                       / variance_E)
+        return -0.5 * (
+            torch.log(2 * torch.pi * variance_E) + (y_t[:, None] - means_NE) ** 2 / variance_E
+        )
 
     def _torch_expert_penalty(self, params, n_samples):
         return torch.zeros((), dtype=torch.float64)
@@ -640,8 +681,7 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureOfExpertsBase):
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(
-                f"y has one class ({self.classes_[0]!r}); a classifier needs at "
-                "least 2 classes"
+                f"y has one class ({self.classes_[0]!r}); a classifier needs at least 2 classes"
             )
         return y_enc
 
@@ -691,9 +731,11 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureOfExpertsBase):
 
     def _check_differentiable(self, prototypes):
         for expert in prototypes:
-            if type(expert) is not LogisticRegression or expert.penalty not in (
-                "deprecated", "l2", None
-            ) or (expert.l1_ratio or 0) != 0:
+            if (
+                type(expert) is not LogisticRegression
+                or expert.penalty not in ("deprecated", "l2", None)
+                or (expert.l1_ratio or 0) != 0
+            ):
                 raise ValueError(
                     "method='gradient' trains logistic experts in torch; experts must be None "
                     f"or LogisticRegression with an L2 or no penalty, got {expert!r}"
@@ -704,10 +746,12 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureOfExpertsBase):
 
     def _experts_to_torch(self, experts, noise_var):
         return {
-            "weight_EKF": torch.tensor(np.ascontiguousarray(np.stack([e.coef_ for e in experts])),
-                                       requires_grad=True),
-            "bias_EK": torch.tensor(np.ascontiguousarray(np.stack([e.intercept_ for e in experts])),
-                                    requires_grad=True),
+            "weight_EKF": torch.tensor(
+                np.ascontiguousarray(np.stack([e.coef_ for e in experts])), requires_grad=True
+            ),
+            "bias_EK": torch.tensor(
+                np.ascontiguousarray(np.stack([e.intercept_ for e in experts])), requires_grad=True
+            ),
         }
 
     def _torch_expert_log_proba(self, params, X_t):
@@ -735,8 +779,9 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureOfExpertsBase):
     def predict_proba(self, X):
         """P(y|x) = Σ_e g_e(x)·P_e(y|x), shape (n_samples, n_classes)."""
         X = self._validated(X)
-        return np.einsum("ne,nek->nk", self.gate_.predict_proba(X),
-                         self._expert_outputs(self.experts_, X))
+        return np.einsum(
+            "ne,nek->nk", self.gate_.predict_proba(X), self._expert_outputs(self.experts_, X)
+        )
 
     def predict(self, X, return_expert_outputs=False):
         """The most probable class. With return_expert_outputs=True, also each expert's
