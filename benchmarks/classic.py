@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_wine
@@ -185,6 +186,7 @@ def cross_validate(model, X, y, regime, classification):
         "score_mean": float(np.mean(scores)),
         "score_std": float(np.std(scores)),
         "scores": [float(s) for s in scores],
+        "aris": [float(a) for a in aris],
         "ari_mean": float(np.mean(aris)) if aris else None,
         "ari_std": float(np.std(aris)) if aris else None,
         "fit_seconds_median": float(np.median(seconds)),
@@ -226,7 +228,12 @@ def plot_gate_regions(path):
     grid = np.linspace(-3, 3, 300)
     xx, yy = np.meshgrid(grid, grid)
     plane = np.column_stack([xx.ravel(), yy.ravel()])
-    gate = model.gate_proba(plane)
+    # Expert numbering is arbitrary: colour each expert like the regime it mostly handles.
+    confusion = np.zeros((3, 3))
+    np.add.at(confusion, (model.gate_proba(X).argmax(axis=1), regime), 1)
+    experts, regimes = linear_sum_assignment(-confusion)
+    expert_for_regime = experts[np.argsort(regimes)]
+    gate = model.gate_proba(plane)[:, expert_for_regime]
     fig, ax = plt.subplots(figsize=(5, 4.4), dpi=90)
     colors = np.array([[0.35, 0.55, 0.85], [0.9, 0.55, 0.3], [0.45, 0.75, 0.45]])
     shade = (gate @ colors).reshape(300, 300, 3)
