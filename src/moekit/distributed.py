@@ -43,8 +43,9 @@ from .layer import MoE
 DEFAULT_TIMEOUT_S = 300.0
 # The fields that must agree on every rank of an EP group for the layers to fit together.
 FINGERPRINT_FIELDS = (
-    "num_experts", "top_k", "d_model", "d_ff", "router", "capacity_factor", "drop_priority",
-    "expert", "activation", "expert_bias", "normalize_weights",
+    "num_experts", "top_k", "d_model", "d_ff", "router", "capacity_factor", "expert_capacity",
+    "capacity_per_sequence", "drop_priority", "second_expert_policy", "expert", "activation",
+    "expert_bias", "normalize_weights", "num_shared_experts",
     "load_balance_coef", "z_loss_coef", "importance_coef", "load_coef",
 )
 

@@ -38,6 +38,7 @@ from ..routing.base import Routing
 from ..routing.losses import assignment_counts, cv_squared, gates_from_topk
 from .local import combine_rows, gather_rows, plan_dispatch
 
+STANDARD_LOSSES = ("load_balance", "z_loss", "importance", "load")
 # Routers whose losses are all functions of per-expert sums over tokens that the
 # Routing record carries, so they can be recomputed over the global batch. The
 # noisy router's "load" needs its noise, which the record does not keep.
@@ -154,6 +155,26 @@ def _run_local_experts(path: str, experts, x_ND: Tensor, counts_L: Tensor, count
     return experts.forward_segments(x_ND, counts)
 
 
+def check_supported(config: MoEConfig) -> None:
+    """Raise ``NotImplementedError`` for a layer whose global-batch losses EP cannot compute."""
+    router = config.router
+    if router not in GLOBAL_LOSSES:
+        raise NotImplementedError(
+            f"expert parallelism needs the global-batch losses of router {router!r}, which moekit "
+            f"does not compute yet; supported routers: {', '.join(GLOBAL_LOSSES)}"
+        )
+    unsupported = [
+        name
+        for name, coef in config.loss_coefficients.items()
+        if coef != 0 and name in STANDARD_LOSSES and name not in GLOBAL_LOSSES[router]
+    ]
+    if unsupported:
+        raise NotImplementedError(
+            f"expert parallelism cannot compute the global-batch {', '.join(unsupported)} loss of router "
+            f"{router!r} (it needs the router's noise); set its coefficient to 0"
+        )
+
+
 class ExpertParallel:
     """The expert-parallel dispatcher of one MoE layer.
 
@@ -164,25 +185,13 @@ class ExpertParallel:
 
     def __init__(self, group, config: MoEConfig):
         num_experts, router = config.num_experts, config.router
+        check_supported(config)
         self.group, self.config = group, config
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size != 0:
             raise ValueError(
                 f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.ep_size})"
-            )
-        if router not in GLOBAL_LOSSES:
-            raise NotImplementedError(
-                f"expert parallelism needs the global-batch losses of router {router!r}, which moekit "
-                f"does not compute yet; supported routers: {', '.join(GLOBAL_LOSSES)}"
-            )
-        unsupported = [
-            name for name, coef in config.loss_coefficients.items() if coef != 0 and name not in GLOBAL_LOSSES[router]
-        ]
-        if unsupported:
-            raise NotImplementedError(
-                f"expert parallelism cannot compute the global-batch {', '.join(unsupported)} loss of router "
-                f"{router!r} (it needs the router's noise); set its coefficient to 0"
             )
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
@@ -202,7 +211,9 @@ class ExpertParallel:
         _all_to_all(received_PC, send_PC, None, None, self.group, "all-to-all of row counts")
         return check_received_counts(received_PC, self.ep_rank)
 
-    def run(self, path: str, x_TD: Tensor, routing: Routing, experts, capacity, drop_priority, out_dtype):
+    def run(
+        self, path: str, x_TD: Tensor, routing: Routing, experts, capacity, drop_priority, out_dtype, group_size=None
+    ):
         """Same contract as a local compute path: (y_TD, tokens_per_expert_E, kept_TK, num_dropped),
         the statistics still local to this rank (``globalize`` reduces them)."""
         P, L = self.ep_size, self.num_local
@@ -213,6 +224,8 @@ class ExpertParallel:
             priority_TK=routing.probs_TE.gather(1, routing.indices_TK) if capacity is not None else None,
             drop_priority=drop_priority,
             valid_T=routing.valid_T,
+            active_TK=routing.active_TK,
+            capacity_group_size=group_size,
         )
         x_RD = gather_rows(x_TD, plan)
         if torch.is_grad_enabled() and not x_RD.requires_grad:
@@ -242,7 +255,8 @@ class ExpertParallel:
         return y_TD, plan.counts_E, plan.kept_TK, plan.num_dropped
 
     def globalize(self, routing: Routing) -> Routing:
-        """The routing record with losses and statistics over the global batch: one all-reduce."""
+        """The routing record with its losses and ``tokens_per_expert_E`` over the global batch
+        (one all-reduce). Per-token fields, ``kept_TK`` and ``num_dropped`` stay this rank's."""
         E = self.num_experts
         dtype = routing.probs_TE.dtype
         T = routing.num_tokens
@@ -261,12 +275,9 @@ class ExpertParallel:
             (z_T.square() * w_T).sum()[None],                      # z-loss numerator
             (gates_TE * w_T[:, None]).sum(0),                      # importance per expert
             routing.tokens_per_expert_E.to(dtype),                 # assignments processed per expert
-            routing.num_dropped.to(dtype)[None],                   # assignments dropped for capacity
         ])
         global_S = all_reduce_sum(local_S, self.group)
-        num_tokens, assigned_E, prob_mass_E, z_sum, importance_E, processed_E, dropped = global_S.split(
-            [1, E, E, 1, E, E, 1]
-        )
+        num_tokens, assigned_E, prob_mass_E, z_sum, importance_E, processed_E = global_S.split([1, E, E, 1, E, E])
         n = num_tokens[0].clamp_min(1.0)
         all_losses = {
             "load_balance": E * ((assigned_E / n) * (prob_mass_E / n)).sum(),
@@ -275,8 +286,4 @@ class ExpertParallel:
             "load": cv_squared(assigned_E),
         }
         losses = {name: all_losses[name] for name in GLOBAL_LOSSES[self.router]}
-        return routing.replace(
-            losses=losses,
-            tokens_per_expert_E=processed_E.detach().round().long(),
-            num_dropped=dropped.detach()[0].round().long(),
-        )
+        return routing.replace(losses=losses, tokens_per_expert_E=processed_E.detach().round().long())

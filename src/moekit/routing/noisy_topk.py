@@ -53,4 +53,5 @@ class NoisyTopKRouter(Router):
                 "load": load_loss(load_E),
             },
             valid_T=valid_T,
+            active_TK=self.active_assignments(weights_TK),
         )
