@@ -11,6 +11,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -347,6 +348,9 @@ class MoE(nn.Module):
             )
         if config.compute != "auto":
             resolve_path(config.compute, self.experts, torch.empty(0, config.d_model))
+        # Set by moekit.distributed.expert_parallel: an ExpertParallel dispatcher that
+        # runs this rank's shard of the experts for every rank's tokens.
+        self.expert_parallel = None
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -405,10 +409,14 @@ class MoE(nn.Module):
             if self.config.capacity_per_sequence and x.dim() >= 3:
                 group_size = x.shape[-2]
             capacity = self.config.capacity(group_size or x_TD.shape[0])
-            y_TD, tokens_per_expert_E, kept_TK, num_dropped = COMPUTE_PATHS[path].run(
+            ep = self.expert_parallel
+            run = COMPUTE_PATHS[path].run if ep is None else functools.partial(ep.run, path)
+            y_TD, tokens_per_expert_E, kept_TK, num_dropped = run(
                 x_TD, routing, self.experts, capacity, self.config.drop_priority, x.dtype, group_size
             )
             routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E, kept_TK=kept_TK, num_dropped=num_dropped)
+            if ep is not None:
+                routing = ep.globalize(routing)  # losses and expert loads over every rank's tokens
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if valid_T is not None:
