@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.helpers import assert_close_dicts, run_path
 
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, StackedExperts
 
 CORE_ROUTERS = ["softmax", "topk", "noisy_topk", "switch"]
 FAST_PATHS = ["segment", "grouped_mm"]
@@ -249,3 +249,16 @@ def test_debug_balanced_routing_spreads_tokens_evenly():
     assert (out.routing.indices_TK[:, 0] != out.routing.indices_TK[:, 1]).all()
     ref = run_path(moe, "loop", torch.randn(16, 8))[0]
     assert ref.routing.tokens_per_expert_E.tolist() == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize("num_rows", [0, 5])
+def test_grouped_experts_backward_accepts_expanded_gradients(num_rows):
+    experts = StackedExperts(4, 16, 32)
+    reference = StackedExperts(4, 16, 32)
+    reference.load_state_dict(experts.state_dict())
+    counts = torch.tensor([num_rows, 0, 0, 0])
+    x = torch.randn(num_rows, 16)
+    experts.forward_grouped(x, counts).sum().backward()  # the gradient of sum() is expanded
+    reference.forward_segments(x, counts.tolist()).sum().backward()
+    torch.testing.assert_close(experts.w_in.grad, reference.w_in.grad)
+    torch.testing.assert_close(experts.w_out.grad, reference.w_out.grad)

@@ -46,6 +46,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel() == 0:  # an empty expanded grad stays "contiguous" with zero strides
+            return grad.new_empty(grad.shape)
         return grad.contiguous()
 
 
