@@ -176,6 +176,7 @@ class CaseResult:
     case: dict
     rows: list[dict] = field(default_factory=list)
     load_max_over_mean: float = 1.0
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | None = None) -> CaseResult:
@@ -222,10 +223,16 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
 
         return run
 
-    fns = {}
-    for name, module in modules.items():
+    fns, failed = {}, {}
+    for name, module in list(modules.items()):
         owner = module if isinstance(module, nn.Module) else layers[name.split(" ", 1)[1]]
         fns[name] = step(module, list(owner.parameters()))
+        if name.startswith("transformers"):
+            try:  # some peers cannot run the shape at all (batched_mm copies weights per token)
+                fns[name]()
+            except (RuntimeError, MemoryError) as error:
+                failed[name] = str(error).splitlines()[0][:120]
+                del fns[name], modules[name]
     if progress:
         progress(case.name)
     times = median_times(fns, repeats)
@@ -238,7 +245,7 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
         load = next(iter(layers.values()))(x).routing.tokens_per_expert_E.float()
     t_dense = statistics.median(times["dense (ideal)"])
     best = min(statistics.median(times[f"moekit {p}"]) for p in case.paths)
-    result = CaseResult(case=asdict(case), load_max_over_mean=float(load.max() / load.mean()))
+    result = CaseResult(case=asdict(case), load_max_over_mean=float(load.max() / load.mean()), failed=failed)
     for name, ts in times.items():
         t = statistics.median(ts)
         result.rows.append({
@@ -293,6 +300,8 @@ def format_case(result: CaseResult) -> str:
         mb = "" if math.isnan(r["activation_mb"]) else f"{r['activation_mb']:8.1f}"
         lines.append(f"  {r['impl']:32s} {r['median_s'] * 1e3:10.1f} {r['eta']:6.2f} {r['gflops']:8.1f} "
                      f"{r['vs_best_moekit']:14.2f} {mb:>8s}")
+    for name, reason in result.failed.items():
+        lines.append(f"  {name:32s} did not run: {reason}")
     return "\n".join(lines)
 
 
