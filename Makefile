@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/layer.py
+	$(PY) benchmarks/perf.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

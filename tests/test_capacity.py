@@ -74,3 +74,29 @@ def test_large_capacity_equals_dropless(path):
     assert int(capped[0].routing.num_dropped) == 0
     for name in dropless[1]:
         torch.testing.assert_close(capped[1][name], dropless[1][name])
+
+
+@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("priority", ["probability", "position"])
+def test_capacity_per_sequence_equals_running_each_sequence_alone(path, priority):
+    config = dict(d_model=8, d_ff=8, num_experts=4, top_k=2, expert_capacity=3, drop_priority=priority,
+                  compute=path)
+    per_sequence = MoE(**config, capacity_per_sequence=True)
+    with torch.no_grad():
+        per_sequence.router.weight.mul_(30)
+    x = torch.randn(3, 10, 8)
+    out = per_sequence(x)
+    alone = [per_sequence(x[b]) for b in range(3)]
+    torch.testing.assert_close(out.y, torch.stack([a.y for a in alone]))
+    assert int(out.routing.num_dropped) == sum(int(a.routing.num_dropped) for a in alone) > 0
+    # Over the whole batch the same absolute capacity drops far more.
+    whole = MoE(**config)
+    whole.load_state_dict(per_sequence.state_dict())
+    assert int(whole(x).routing.num_dropped) > int(out.routing.num_dropped)
+
+
+def test_expert_capacity_errors():
+    with pytest.raises(ValueError, match=r"expert_capacity \(0\)"):
+        MoE(d_model=8, d_ff=8, num_experts=4, expert_capacity=0)
+    with pytest.raises(ValueError, match="not both"):
+        MoE(d_model=8, d_ff=8, num_experts=4, expert_capacity=2, capacity_factor=1.0)

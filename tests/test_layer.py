@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.helpers import assert_close_dicts, run_path
 
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, StackedExperts
 
 CORE_ROUTERS = ["softmax", "topk", "noisy_topk", "switch"]
 FAST_PATHS = ["segment", "grouped_mm"]
@@ -238,3 +238,27 @@ def test_dropless_grouped_mm_compiles_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(moe, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x).y, moe(x).y)
+
+
+def test_debug_balanced_routing_spreads_tokens_evenly():
+    moe = MoE(d_model=8, d_ff=8, num_experts=4, top_k=2, debug_balanced_routing=True)
+    with torch.no_grad():
+        moe.router.weight.mul_(100)  # a collapsed router underneath
+    out = moe(torch.randn(16, 8))
+    assert out.routing.tokens_per_expert_E.tolist() == [8, 8, 8, 8]
+    assert (out.routing.indices_TK[:, 0] != out.routing.indices_TK[:, 1]).all()
+    ref = run_path(moe, "loop", torch.randn(16, 8))[0]
+    assert ref.routing.tokens_per_expert_E.tolist() == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize("num_rows", [0, 5])
+def test_grouped_experts_backward_accepts_expanded_gradients(num_rows):
+    experts = StackedExperts(4, 16, 32)
+    reference = StackedExperts(4, 16, 32)
+    reference.load_state_dict(experts.state_dict())
+    counts = torch.tensor([num_rows, 0, 0, 0])
+    x = torch.randn(num_rows, 16)
+    experts.forward_grouped(x, counts).sum().backward()  # the gradient of sum() is expanded
+    reference.forward_segments(x, counts.tolist()).sum().backward()
+    torch.testing.assert_close(experts.w_in.grad, reference.w_in.grad)
+    torch.testing.assert_close(experts.w_out.grad, reference.w_out.grad)

@@ -46,6 +46,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel() == 0:  # an empty expanded grad stays "contiguous" with zero strides
+            return grad.new_empty(grad.shape)
         return grad.contiguous()
 
 
@@ -179,3 +181,37 @@ class ModuleExperts(nn.Module):
     def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
         """Rows sorted by expert, each expert module on its block."""
         return run_segments(self, x_RD, counts)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeekMoE), optionally scaled by a sigmoid gate (Qwen2-MoE).
+
+    n shared experts of hidden width F run as one dense FFN of width n·F: the
+    sum of n FFNs is that FFN with its hidden units concatenated. The gate is
+    sigmoid(x·w), one scalar per token.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        num_experts: int = 1,
+        kind: str = "swiglu",
+        activation: str = "gelu",
+        bias: bool = False,
+        gate: bool = False,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.ffn = StackedExperts(1, d_model, num_experts * d_ff, kind=kind, activation=activation, bias=bias)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y_TD = self.ffn.forward_expert(0, x_TD)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+        return y_TD
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gate={self.gate is not None}"

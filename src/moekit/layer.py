@@ -11,7 +11,8 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -19,22 +20,58 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch.local import combine_rows, gather_rows, plan_dispatch
-from .experts import ModuleExperts, StackedExperts, grouped_mm_supports
-from .routing import Routing, build_router
+from .experts import ModuleExperts, SharedExperts, StackedExperts, grouped_mm_supports
+from .routing import (
+    AnyRouting,
+    ExpertChoiceRouting,
+    Routing,
+    SoftRouting,
+    build_router,
+    routing_stats,
+)
+
+
+class LazyStats(Mapping):
+    """``routing_stats`` of a record, computed when first read: monitoring that
+    nobody reads costs nothing in the forward pass."""
+
+    def __init__(self, routing: AnyRouting):
+        self._routing = routing
+        self._stats: dict[str, Tensor] | None = None
+
+    def _computed(self) -> dict[str, Tensor]:
+        if self._stats is None:
+            self._stats = routing_stats(self._routing)
+            self._routing = None
+        return self._stats
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._computed()[name]
+
+    def __iter__(self):
+        return iter(self._computed())
+
+    def __len__(self) -> int:
+        return len(self._computed())
+
+    def __repr__(self) -> str:
+        return f"LazyStats({self._computed()!r})"
 
 
 class MoEOutput(NamedTuple):
     """y: same shape as the input; aux_loss: weighted sum of the router's losses
-    (a scalar, zero when every coefficient is zero); routing: the Routing record."""
+    (a scalar, zero when every coefficient is zero); routing: the router's record
+    (``Routing``, or ``ExpertChoiceRouting`` / ``SoftRouting``), with statistics."""
 
     y: Tensor
     aux_loss: Tensor
-    routing: Routing
+    routing: AnyRouting
 
 
 # --- compute paths ---------------------------------------------------------------
-# Each path maps (x_TD, routing, experts, capacity, drop_priority, out_dtype) to
-# (y_TD, tokens_per_expert_E, kept_TK, num_dropped).
+# Each path maps (x_TD, routing, experts, capacity, drop_priority, out_dtype,
+# group_size) to (y_TD, tokens_per_expert_E, kept_TK, num_dropped); group_size
+# is the number of consecutive tokens capacity applies to (None: all of them).
 
 PathResult = tuple[Tensor, Tensor, "Tensor | None", Tensor]
 
@@ -50,11 +87,25 @@ def reference_keep(
     capacity: int | None,
     drop_priority: str,
     valid_T: Tensor | None,
+    active_TK: Tensor | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
-    """Which assignments an expert keeps, computed the plain way, one expert at a time."""
+    """Which assignments an expert keeps, computed the plain way, one expert at a time
+    (and one group of ``group_size`` tokens at a time when capacity is per group)."""
     T, K = indices_TK.shape
+    if group_size is not None and capacity is not None and T > group_size:
+        pieces = []
+        for start in range(0, T, group_size):
+            rows = slice(start, start + group_size)
+            pieces.append(reference_keep(
+                indices_TK[rows], priority_TK[rows], num_experts, capacity, drop_priority,
+                None if valid_T is None else valid_T[rows], None if active_TK is None else active_TK[rows],
+            ))
+        return torch.cat(pieces)
     keep_TK = torch.zeros(T, K, dtype=torch.bool, device=indices_TK.device)
     valid_TK = torch.ones_like(keep_TK) if valid_T is None else valid_T[:, None].expand(T, K)
+    if active_TK is not None:
+        valid_TK = valid_TK & active_TK
     for e in range(num_experts):
         tokens, slots = torch.nonzero((indices_TK == e) & valid_TK, as_tuple=True)
         if capacity is not None and tokens.numel() > capacity:
@@ -72,11 +123,12 @@ def reference_keep(
     return keep_TK
 
 
-def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> PathResult:
+def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
     """Reference: for each expert, find its tokens, run it, add weight · output."""
     E = experts.num_experts
     keep_TK = reference_keep(
-        routing.indices_TK, _priority_TK(routing), E, capacity, drop_priority, routing.valid_T
+        routing.indices_TK, _priority_TK(routing), E, capacity, drop_priority, routing.valid_T,
+        routing.active_TK, group_size,
     )
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=routing.weights_TK.dtype)
     counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
@@ -87,13 +139,17 @@ def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> Pat
             continue
         out_ND = experts.forward_expert(e, x_TD[tokens])
         y_TD = y_TD.index_add(0, tokens, routing.weights_TK[tokens, slots, None] * out_ND.to(y_TD.dtype))
-    valid_TK = keep_TK if routing.valid_T is None else routing.valid_T[:, None].expand_as(keep_TK)
-    num_dropped = (valid_TK & ~keep_TK).sum() if routing.valid_T is not None else (~keep_TK).sum()
+    real_TK = torch.ones_like(keep_TK)
+    if routing.valid_T is not None:
+        real_TK = real_TK & routing.valid_T[:, None]
+    if routing.active_TK is not None:
+        real_TK = real_TK & routing.active_TK
+    num_dropped = (real_TK & ~keep_TK).sum()
     return y_TD.to(out_dtype), counts_E, keep_TK, num_dropped
 
 
 def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
-    def path(x_TD, routing, experts, capacity, drop_priority, out_dtype) -> PathResult:
+    def path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
         plan = plan_dispatch(
             routing.indices_TK,
             experts.num_experts,
@@ -101,6 +157,8 @@ def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
             priority_TK=_priority_TK(routing) if capacity is not None else None,
             drop_priority=drop_priority,
             valid_T=routing.valid_T,
+            active_TK=routing.active_TK,
+            capacity_group_size=group_size,
         )
         y_RD = run_rows(experts, gather_rows(x_TD, plan), plan.counts_E)
         y_TD = combine_rows(y_RD, routing.weights_TK, plan, out_dtype)
@@ -142,6 +200,61 @@ COMPUTE_PATHS: dict[str, ComputePath] = {
 AUTO_ORDER = ("grouped_mm", "segment", "loop")
 
 
+# --- expert choice and Soft MoE ---------------------------------------------------
+# Their rows are already grouped by expert (each expert's C tokens, or its P
+# slots per sequence), so no sort is needed: "loop" runs one expert at a time,
+# the other paths hand all rows to the same runner as the top-k paths.
+
+ROW_RUNNERS: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
+    "segment": _run_segments,
+    "grouped_mm": _run_grouped,
+}
+
+
+def _run_expert_major(path: str, experts, x_ERD: Tensor) -> Tensor:
+    """Experts on rows already grouped by expert, (E, N, D) → (E, N, D)."""
+    E, N, D = x_ERD.shape
+    if path == "loop":
+        return torch.stack([experts.forward_expert(e, x_ERD[e]) for e in range(E)])
+    counts_E = torch.full((E,), N, dtype=torch.long, device=x_ERD.device)
+    return ROW_RUNNERS[path](experts, x_ERD.reshape(E * N, D), counts_E).view(E, N, D)
+
+
+def expert_choice_compute(
+    path: str, x_TD: Tensor, routing: ExpertChoiceRouting, experts, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """y_t = Σ over the experts e that took t of weight·E_e(x_t); and real tokens per expert."""
+    tokens_EC, weights_EC = routing.tokens_EC, routing.weights_EC
+    E, C = tokens_EC.shape
+    y_ECD = _run_expert_major(path, experts, x_TD[tokens_EC])
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=weights_EC.dtype)
+    y_TD = y_TD.index_add(0, tokens_EC.reshape(-1), (weights_EC[..., None] * y_ECD.to(y_TD.dtype)).reshape(E * C, -1))
+    if routing.valid_T is None:
+        tokens_per_expert_E = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+    else:
+        tokens_per_expert_E = routing.valid_T[tokens_EC].sum(1)
+    return y_TD.to(out_dtype), tokens_per_expert_E
+
+
+def soft_compute(
+    path: str, x_TD: Tensor, routing: SoftRouting, experts, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Slots = dispatchᵀ·X per sequence, experts on their slots, Y = combine·Ỹ; and slots per expert."""
+    dispatch_GLS, combine_GLS = routing.dispatch_GLS, routing.combine_GLS
+    G, L, S = dispatch_GLS.shape
+    E, P, D = experts.num_experts, routing.slots_per_expert, x_TD.shape[1]
+    # Dispatch and combine are router math: float32 even under autocast.
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        slots_GSD = dispatch_GLS.transpose(1, 2) @ x_TD.view(G, L, D).to(dispatch_GLS.dtype)
+    slots_ERD = slots_GSD.view(G, E, P, D).transpose(0, 1).reshape(E, G * P, D).to(x_TD.dtype)
+    y_ERD = _run_expert_major(path, experts, slots_ERD)
+    y_GSD = y_ERD.view(E, G, P, D).transpose(0, 1).reshape(G, S, D).to(combine_GLS.dtype)
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        y_TD = (combine_GLS @ y_GSD).reshape(G * L, D)
+    tokens_per_expert_E = torch.full((E,), G * P, dtype=torch.long, device=x_TD.device)
+    return y_TD.to(out_dtype), tokens_per_expert_E
+
+
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor) -> str:
     if name == "auto":
         for candidate in AUTO_ORDER:
@@ -155,6 +268,18 @@ def resolve_path(name: str, experts: nn.Module, x_TD: Tensor) -> str:
             f"{', '.join(COMPUTE_PATHS)}"
         )
     return name
+
+
+def balanced_routing(routing: Routing) -> Routing:
+    """The same record with a perfectly balanced choice: expert (t·K + k) mod E, weight 1/K."""
+    if not isinstance(routing, Routing):
+        raise ValueError("debug_balanced_routing applies to token-choice routers only")
+    T, K = routing.indices_TK.shape
+    E = routing.probs_TE.shape[1]
+    t_T = torch.arange(T, device=routing.indices_TK.device)
+    indices_TK = (t_T[:, None] * K + torch.arange(K, device=t_T.device)) % E
+    weights_TK = torch.full_like(routing.weights_TK, 1.0 / K)
+    return routing.replace(indices_TK=indices_TK, weights_TK=weights_TK)
 
 
 class MoE(nn.Module):
@@ -210,8 +335,22 @@ class MoE(nn.Module):
                 activation=config.activation,
                 bias=config.expert_bias,
             )
+        self.shared_experts = None
+        if config.num_shared_experts > 0:
+            self.shared_experts = SharedExperts(
+                config.d_model,
+                config.shared_d_ff,
+                num_experts=config.num_shared_experts,
+                kind=config.expert,
+                activation=config.activation,
+                bias=config.expert_bias,
+                gate=config.shared_expert_gate,
+            )
         if config.compute != "auto":
             resolve_path(config.compute, self.experts, torch.empty(0, config.d_model))
+        # Set by moekit.distributed.expert_parallel: an ExpertParallel dispatcher that
+        # runs this rank's shard of the experts for every rank's tokens.
+        self.expert_parallel = None
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -234,26 +373,69 @@ class MoE(nn.Module):
         if self.config.check_finite and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"{self.name}: input contains NaN or Inf")
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> MoEOutput:
-        """x: (..., D); mask: optional bool (...) marking real tokens (False = padding)."""
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> MoEOutput:
+        """x: (..., D); mask: optional bool (...) marking real tokens (False = padding);
+        token_ids: optional long (...) token ids, needed by the ``hash`` router.
+
+        The second-to-last dim of x is the sequence (a 2-D x is one sequence);
+        Soft MoE mixes tokens within a sequence and the sequence-wise balance
+        loss averages over sequences.
+        """
         self._check_input(x, mask)
         x_TD = x.reshape(-1, self.config.d_model)
         valid_T = None if mask is None else mask.reshape(-1)
-        routing = self.router(x_TD, valid_T=valid_T)
+        route_kwargs = {"sequence_length": x.shape[-2] if x.dim() >= 3 else None}
+        if token_ids is not None:
+            if not isinstance(token_ids, Tensor) or token_ids.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"{self.name}: token_ids shape {tuple(getattr(token_ids, 'shape', ()))} must equal "
+                    f"the input's leading shape {tuple(x.shape[:-1])}"
+                )
+            route_kwargs["token_ids_T"] = token_ids.reshape(-1)
+        routing = self.router(x_TD, valid_T=valid_T, **route_kwargs)
+        if self.config.debug_balanced_routing:
+            routing = balanced_routing(routing)
         path = resolve_path(self.config.compute, self.experts, x_TD)
-        capacity = self.config.capacity(x_TD.shape[0])
-        y_TD, tokens_per_expert_E, kept_TK, num_dropped = COMPUTE_PATHS[path].run(
-            x_TD, routing, self.experts, capacity, self.config.drop_priority, x.dtype
-        )
-        routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E, kept_TK=kept_TK, num_dropped=num_dropped)
+        if isinstance(routing, ExpertChoiceRouting):
+            y_TD, tokens_per_expert_E = expert_choice_compute(path, x_TD, routing, self.experts, x.dtype)
+            routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E)
+        elif isinstance(routing, SoftRouting):
+            y_TD, tokens_per_expert_E = soft_compute(path, x_TD, routing, self.experts, x.dtype)
+            routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E)
+        else:
+            group_size = None
+            if self.config.capacity_per_sequence and x.dim() >= 3:
+                group_size = x.shape[-2]
+            capacity = self.config.capacity(group_size or x_TD.shape[0])
+            ep = self.expert_parallel
+            run = COMPUTE_PATHS[path].run if ep is None else functools.partial(ep.run, path)
+            y_TD, tokens_per_expert_E, kept_TK, num_dropped = run(
+                x_TD, routing, self.experts, capacity, self.config.drop_priority, x.dtype, group_size
+            )
+            routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E, kept_TK=kept_TK, num_dropped=num_dropped)
+            if ep is not None:
+                routing = ep.globalize(routing)  # losses and expert loads over every rank's tokens
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if valid_T is not None:
+                shared_TD = shared_TD * valid_T[:, None].to(shared_TD.dtype)
+            y_TD = y_TD + shared_TD.to(y_TD.dtype)
+        routing = routing.replace(stats=LazyStats(routing))
         return MoEOutput(y_TD.view(x.shape), self._aux_loss(routing, x_TD), routing)
 
-    def _aux_loss(self, routing: Routing, x_TD: Tensor) -> Tensor:
-        aux_loss = x_TD.new_zeros((), dtype=routing.weights_TK.dtype)
+    def _aux_loss(self, routing: AnyRouting, x_TD: Tensor) -> Tensor:
+        aux_loss = x_TD.new_zeros((), dtype=routing.probs_TE.dtype)
         for name, coef in self.config.loss_coefficients.items():
             if coef != 0 and name in routing.losses:
                 aux_loss = aux_loss + coef * routing.losses[name]
         return aux_loss
+
+    @property
+    def causal(self) -> bool:
+        """False when a token's output depends on later tokens (expert choice, Soft MoE)."""
+        return self.router.causal
 
     def extra_repr(self) -> str:
         c = self.config

@@ -26,7 +26,11 @@ def _activation_forward(h_RH: Tensor, activation: str, glu: bool) -> Tensor:
     return _act(h_RH, activation)
 
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu}
 
 
 def _act(x: Tensor, activation: str) -> Tensor:
@@ -39,6 +43,8 @@ def _act_backward(grad_out: Tensor, x: Tensor, activation: str) -> Tensor:
         return torch.ops.aten.silu_backward(grad_out, x)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad_out, x)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad_out, x, approximate="tanh")
     return torch.ops.aten.threshold_backward(grad_out, x, 0)
 
 

@@ -7,12 +7,18 @@ import torch
 
 pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
 )
 
 from moekit.interop.hf import (  # noqa: E402
@@ -32,6 +38,13 @@ FAMILIES = {
     "qwen3_moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**TINY, intermediate_size=64, moe_intermediate_size=48,
                                                               num_experts=4, norm_topk_prob=False)),
     "olmoe": (OlmoeForCausalLM, lambda: OlmoeConfig(**TINY, intermediate_size=48, num_experts=4)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(**TINY, intermediate_size=64, moe_intermediate_size=48,
+                                                              shared_expert_intermediate_size=40, num_experts=4,
+                                                              norm_topk_prob=True)),
+    "deepseek_v3": (DeepseekV3ForCausalLM, lambda: DeepseekV3Config(
+        **{**TINY, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=0, kv_lora_rank=16,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
 }
 
 
@@ -41,13 +54,16 @@ def _model(family):
     model = cls(config()).eval()
     with torch.no_grad():  # router weights start at zero in some families: give them a real choice
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or "experts" in name:
+            if name.endswith("gate.weight") or "experts" in name or "shared_expert" in name:
                 p.normal_(std=0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.1)
     return model
 
 
 def _blocks(model):
-    return [m for m in model.modules() if type(m).__name__.endswith(("SparseMoeBlock",))]
+    return [m for m in model.modules() if type(m).__name__.endswith(("SparseMoeBlock", "V3MoE"))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,3 +124,43 @@ def test_unsupported_inputs_get_clear_errors():
         convert_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="unknown family 'gpt2'"):
         to_hf_block(None, None, "gpt2")
+
+
+def _switch_model(expert_capacity=3):
+    config = SwitchTransformersConfig(vocab_size=101, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+                                      num_decoder_layers=2, num_sparse_encoder_layers=1,
+                                      num_sparse_decoder_layers=1, num_experts=4,
+                                      expert_capacity=expert_capacity, dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name or "experts" in name:
+                p.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+def test_switch_block_matches_with_per_sequence_capacity(path):
+    model = _switch_model()
+    blocks = [m for m in model.modules() if type(m).__name__ == "SwitchTransformersSparseMLP"]
+    assert len(blocks) == 2
+    for block in blocks:
+        moe = from_hf_block(block, model.config, compute=path).eval()
+        x = torch.randn(3, 8, 32)
+        out = moe(x)
+        assert int(out.routing.num_dropped) > 0  # capacity 3 per sequence of 8 tokens binds
+        torch.testing.assert_close(out.y, block(x), rtol=1e-5, atol=1e-5)
+        back = to_hf_block(moe, model.config, "SwitchTransformersSparseMLP")
+        for name, value in block.state_dict().items():
+            assert torch.equal(back.state_dict()[name], value), name
+
+
+def test_switch_whole_model_logits_match():
+    model = _switch_model()
+    ids = torch.randint(0, 101, (2, 7))
+    decoder_ids = torch.randint(0, 101, (2, 5))
+    reference = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    convert_model(model)
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=decoder_ids).logits, reference,
+                               rtol=1e-4, atol=1e-4)

@@ -57,29 +57,36 @@ def plan_dispatch(
     priority_TK: Tensor | None = None,
     drop_priority: str = "probability",
     valid_T: Tensor | None = None,
+    active_TK: Tensor | None = None,
+    capacity_group_size: int | None = None,
 ) -> DispatchPlan:
     """Sort assignments by expert; drop those over capacity and those of padding.
 
-    With ``capacity`` set, each expert keeps at most ``capacity`` assignments:
+    With ``capacity`` set, each expert keeps at most ``capacity`` assignments
+    (per group of ``capacity_group_size`` consecutive tokens when given, as
+    Switch Transformers applies capacity per sequence):
     by ``drop_priority="probability"`` the highest ``priority_TK`` first, by
     ``"position"`` first choices before second choices and earlier tokens first.
-    The dropless, unpadded case needs no host sync.
+    Assignments outside ``active_TK`` (declined by the router) are left out
+    like padding and not counted as dropped. The dropless, unpadded case needs
+    no host sync.
     """
     T, K = indices_TK.shape
     device = indices_TK.device
     flat_E = indices_TK.reshape(-1)
-    if capacity is None and valid_T is None:
+    if capacity is None and valid_T is None and active_TK is None:
         order_R = torch.argsort(flat_E, stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
-        inverse_R = torch.empty_like(order_R)
-        inverse_R[order_R] = torch.arange(T * K, device=device)
+        inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=device))
         no_drops = torch.zeros((), dtype=torch.long, device=device)
         return DispatchPlan(order_R, counts_E, None, no_drops, K, inverse_R)
 
     # Padding goes to a sentinel expert E, which sorts last and is cut off below.
     if valid_T is not None:
         flat_E = torch.where(valid_T.repeat_interleave(K), flat_E, num_experts)
+    if active_TK is not None:
+        flat_E = torch.where(active_TK.reshape(-1), flat_E, num_experts)
     if capacity is None:
         candidate_order = torch.arange(T * K, device=device)
     elif drop_priority == "probability":
@@ -87,22 +94,30 @@ def plan_dispatch(
     else:
         # Slot-major: every token's first choice ranks above any second choice.
         candidate_order = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
-    sorted_order = candidate_order[torch.argsort(flat_E[candidate_order], stable=True)]
-    sorted_expert = flat_E[sorted_order]
-    all_counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    all_counts.scatter_add_(0, flat_E, torch.ones_like(flat_E))
-    starts = all_counts.cumsum(0) - all_counts
-    rank_in_expert = torch.arange(T * K, device=device) - starts[sorted_expert]
-    keep_sorted = sorted_expert < num_experts
+    # Buckets are experts, or (group, expert) pairs when capacity is per group.
+    num_buckets = num_experts + 1
+    bucket = flat_E
+    if capacity is not None and capacity_group_size is not None:
+        group = torch.arange(T * K, device=device) // (K * capacity_group_size)
+        num_buckets = (int(group[-1]) + 1 if T else 1) * (num_experts + 1)
+        bucket = group * (num_experts + 1) + flat_E
+    sorted_order = candidate_order[torch.argsort(bucket[candidate_order], stable=True)]
+    sorted_bucket = bucket[sorted_order]
+    bucket_counts = torch.zeros(num_buckets, dtype=torch.long, device=device)
+    bucket_counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    starts = bucket_counts.cumsum(0) - bucket_counts
+    rank_in_bucket = torch.arange(T * K, device=device) - starts[sorted_bucket]
+    keep_sorted = flat_E[sorted_order] < num_experts
     if capacity is not None:
-        keep_sorted &= rank_in_expert < capacity
+        keep_sorted &= rank_in_bucket < capacity
     order_R = sorted_order[keep_sorted]  # NOTE: boolean indexing syncs with the device
-    counts_E = all_counts[:num_experts]
-    if capacity is not None:
-        counts_E = counts_E.clamp(max=capacity)
+    if num_buckets != num_experts + 1:
+        order_R = order_R[torch.argsort(flat_E[order_R], stable=True)]
+    counts_E = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts_E = counts_E.scatter_add_(0, flat_E[order_R], torch.ones_like(order_R))[:num_experts]
     kept_flat = torch.zeros(T * K, dtype=torch.bool, device=device)
     kept_flat[order_R] = True
-    real_assignments = all_counts[:num_experts].sum()
+    real_assignments = (flat_E < num_experts).sum()
     return DispatchPlan(order_R, counts_E, kept_flat.view(T, K), real_assignments - counts_E.sum(), K)
 
 

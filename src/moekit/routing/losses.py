@@ -8,8 +8,36 @@ Shapes: T tokens, E experts, K experts per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 import torch
 from torch import Tensor
+
+
+class LazyDict(Mapping):
+    """A read-only mapping whose values are computed on first access and kept.
+
+    Routers report every loss by name, but a layer only needs the ones with a
+    nonzero coefficient in its forward: the rest cost nothing unless read.
+    """
+
+    def __init__(self, thunks: dict[str, Callable[[], Tensor]]):
+        self._thunks = dict(thunks)
+        self._values: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._values:
+            self._values[name] = self._thunks[name]()
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._thunks)
+
+    def __len__(self) -> int:
+        return len(self._thunks)
+
+    def __repr__(self) -> str:
+        return f"LazyDict({dict(self)!r})"
 
 
 def _token_weights(
@@ -60,7 +88,8 @@ def cv_squared(x_E: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation, population variance / mean² (0 for one expert)."""
     if x_E.numel() <= 1:
         return x_E.new_zeros(())
-    return x_E.var(unbiased=False) / (x_E.mean().square() + eps)
+    mean = x_E.mean()
+    return (x_E - mean).square().mean() / (mean.square() + eps)
 
 
 def importance_loss(gates_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
@@ -118,11 +147,17 @@ def standard_losses(
     weights_TK: Tensor,
     token_weight_T: Tensor | None,
 ) -> dict[str, Tensor]:
-    """The losses every router reports: load balance, z-loss, importance, counted load."""
+    """The losses every router reports (load balance, z-loss, importance, counted
+    load), each computed when first read."""
     E = logits_TE.shape[1]
-    return {
-        "load_balance": load_balancing_loss(probs_TE, indices_TK, token_weight_T),
-        "z_loss": router_z_loss(logits_TE, token_weight_T),
-        "importance": importance_loss(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
-        "load": load_loss(assignment_counts(indices_TK, E, _token_weights(len(logits_TE), token_weight_T, logits_TE.device, logits_TE.dtype))),
-    }
+
+    def counted_load() -> Tensor:
+        w_T = _token_weights(len(logits_TE), token_weight_T, logits_TE.device, logits_TE.dtype)
+        return load_loss(assignment_counts(indices_TK, E, w_T))
+
+    return LazyDict({
+        "load_balance": lambda: load_balancing_loss(probs_TE, indices_TK, token_weight_T),
+        "z_loss": lambda: router_z_loss(logits_TE, token_weight_T),
+        "importance": lambda: importance_loss(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
+        "load": counted_load,
+    })

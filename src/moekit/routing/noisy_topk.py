@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig
 from .base import Router, Routing
 from .losses import (
+    LazyDict,
     gates_from_topk,
     importance_loss,
     load_balancing_loss,
@@ -40,17 +41,17 @@ class NoisyTopKRouter(Router):
         weights_TK = top_values_TK.softmax(dim=-1)  # softmax over KeepTopK(H, k)
         gates_TE = gates_from_topk(indices_TK, weights_TK, self.num_experts)
         token_weight_T = None if valid_T is None else valid_T.float()
-        load_E = smooth_load(clean_TE, noisy_TE, noise_std_TE, self.top_k, token_weight_T)
         return Routing(
             indices_TK=indices_TK,
             weights_TK=weights_TK,
             logits_TE=clean_TE,
             probs_TE=gates_TE,
-            losses={
-                "load_balance": load_balancing_loss(gates_TE, indices_TK, token_weight_T),
-                "z_loss": router_z_loss(clean_TE, token_weight_T),
-                "importance": importance_loss(gates_TE, token_weight_T),
-                "load": load_loss(load_E),
-            },
+            losses=LazyDict({
+                "load_balance": lambda: load_balancing_loss(gates_TE, indices_TK, token_weight_T),
+                "z_loss": lambda: router_z_loss(clean_TE, token_weight_T),
+                "importance": lambda: importance_loss(gates_TE, token_weight_T),
+                "load": lambda: load_loss(smooth_load(clean_TE, noisy_TE, noise_std_TE, self.top_k, token_weight_T)),
+            }),
             valid_T=valid_T,
+            active_TK=self.active_assignments(weights_TK),
         )

@@ -33,4 +33,5 @@ class TopKRouter(Router):
             probs_TE=probs_TE,
             losses=standard_losses(logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T),
             valid_T=valid_T,
+            active_TK=self.active_assignments(weights_TK),
         )

@@ -1,0 +1,136 @@
+"""Expert parallelism: step time and all-to-all share at EP = 1 vs EP = 2, and bytes moved.
+
+    python benchmarks/expert_parallel.py [--tokens 2048 --d-model 256 --d-ff 512 --experts 8 --top-k 2]
+
+Spawns the ranks itself on 127.0.0.1 (gloo, one intra-op thread per process).
+EP = 1 runs the single-process layer on the global batch; EP = 2 runs two
+processes with half of the batch each. A step is forward + backward of the
+layer. The all-to-all time is the wall time spent inside the dispatcher's
+all-to-alls (counts and rows, forward and backward, including waiting for the
+other rank), measured by wrapping them in this script only. Bytes moved count
+rows sent to the other rank (not to itself), forward and backward; the minimum
+for the forward is T·K·D·bytes·2·(EP−1)/EP (dispatch + combine, uniform routing).
+Prints a table and a JSON line.
+
+Shapes: T tokens (global), D model dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moekit.dispatch.expert_parallel as ep_module
+from moekit import MoE, MoEConfig
+from moekit.distributed import expert_parallel
+
+
+def _layer(args) -> MoE:
+    torch.manual_seed(0)
+    return MoE(MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k))
+
+
+def _timed_steps(moe: MoE, x_TD: torch.Tensor, steps: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        out = moe(x_TD)
+        (out.y.square().mean() + out.aux_loss).backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _rank_main(rank, world, port, args, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    moe = expert_parallel(copy.deepcopy(_layer(args)))
+    x_TD = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
+
+    clock = {"seconds": 0.0, "forward_bytes": 0, "backward_bytes": 0, "calls": 0}
+    plain_all_to_all = ep_module._all_to_all
+
+    def timed_all_to_all(out, inp, recv_splits, send_splits, group, what):
+        start = time.perf_counter()
+        result = plain_all_to_all(out, inp, recv_splits, send_splits, group, what)
+        clock["seconds"] += time.perf_counter() - start
+        clock["calls"] += 1
+        if send_splits is not None:  # a row all-to-all (the count exchange has equal splits)
+            row_bytes = inp.shape[1] * inp.element_size()
+            key = "backward_bytes" if what.startswith("backward") else "forward_bytes"
+            clock[key] += sum(n for p, n in enumerate(send_splits) if p != rank) * row_bytes
+        return result
+
+    ep_module._all_to_all = timed_all_to_all
+    _timed_steps(moe, x_TD, 0, args.warmup)
+    clock.update(seconds=0.0, forward_bytes=0, backward_bytes=0, calls=0)
+    times = _timed_steps(moe, x_TD, args.steps, 0)
+    results.put((rank, sorted(times)[len(times) // 2], clock["seconds"] / args.steps,
+                 clock["forward_bytes"] / args.steps, clock["backward_bytes"] / args.steps,
+                 clock["calls"] / args.steps))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    x_TD = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(1))
+    single = sorted(_timed_steps(_layer(args), x_TD, args.steps, args.warmup))[args.steps // 2]
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, args, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    reports = sorted(results.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join()
+
+    step_s = max(r[1] for r in reports)
+    a2a_s = max(r[2] for r in reports)
+    forward_bytes = sum(r[3] for r in reports)
+    backward_bytes = sum(r[4] for r in reports)
+    elem = torch.empty((), dtype=torch.float32).element_size()
+    minimum_fwd = args.tokens * args.top_k * args.d_model * elem * 2 * (2 - 1) / 2
+    summary = {
+        "shape": vars(args),
+        "ep1_step_ms": round(single * 1e3, 2),
+        "ep2_step_ms": round(step_s * 1e3, 2),
+        "ep2_all_to_all_ms": round(a2a_s * 1e3, 2),
+        "ep2_all_to_all_share": round(a2a_s / step_s, 3),
+        "ep2_all_to_all_calls_per_step_per_rank": reports[0][5],
+        "bytes_moved_fwd_per_step": int(forward_bytes),
+        "bytes_moved_bwd_per_step": int(backward_bytes),
+        "minimum_fwd_bytes": int(minimum_fwd),
+    }
+    print(f"{'':28}{'EP=1':>10}{'EP=2':>10}")
+    print(f"{'step (fwd+bwd), ms':28}{summary['ep1_step_ms']:>10}{summary['ep2_step_ms']:>10}")
+    print(f"{'all-to-all, ms (share)':28}{'-':>10}{summary['ep2_all_to_all_ms']:>10} ({summary['ep2_all_to_all_share']:.0%})")
+    print(f"bytes to the other rank per step: forward {summary['bytes_moved_fwd_per_step']:,} "
+          f"(minimum {summary['minimum_fwd_bytes']:,}), backward {summary['bytes_moved_bwd_per_step']:,}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

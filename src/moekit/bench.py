@@ -1,0 +1,314 @@
+"""Speed and memory of MoE layers, side by side with the ideal and with peers.
+
+The measure is efficiency η = t_dense / t_moe: a dense SwiGLU with the same
+active FLOPs (hidden K·F on the same T tokens, same dtype and process) against
+the MoE layer. Peers are Hugging Face transformers' MoE blocks holding the
+same weights and routing the same tokens. All cases run interleaved in one
+process (medians over rounds), so the ratios hold on a noisy machine.
+
+Used by ``moekit bench`` and ``benchmarks/*.py``.
+
+Shapes: T tokens, D model dim, F expert hidden dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .layer import MoE
+
+
+@dataclass(kw_only=True)
+class Case:
+    """One benchmark shape. ``routing``: ``uniform`` (forced balanced), ``skewed``
+    (router weights that give a Zipf-like load, s ≈ 1.2) or ``router`` (as initialised)."""
+
+    name: str
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    mode: str = "fwdbwd"
+    routing: str = "uniform"
+    dtype: str = "float32"
+    paths: tuple[str, ...] = ("grouped_mm", "segment")
+    peers: tuple[str, ...] = ("mixtral:eager", "mixtral:grouped_mm", "mixtral:batched_mm")
+
+    @property
+    def flops(self) -> float:
+        forward = 6 * self.d_model * self.d_ff * self.tokens * self.top_k
+        return forward * (3 if self.mode == "fwdbwd" else 1)
+
+
+STANDARD = dict(tokens=4096, d_model=512, d_ff=1024, num_experts=8, top_k=2)
+FINE_GRAINED = dict(tokens=4096, d_model=512, d_ff=128, num_experts=64, top_k=8)
+
+
+def default_cases(dtypes=("float32",)) -> list[Case]:
+    cases = []
+    for dtype in dtypes:
+        for routing in ("uniform", "skewed"):
+            cases.append(Case(name=f"standard {routing}", routing=routing, dtype=dtype, **STANDARD))
+        cases.append(Case(name="standard uniform fwd", mode="fwd", dtype=dtype, **STANDARD))
+        cases.append(Case(name="fine-grained uniform", dtype=dtype, peers=("qwen3:grouped_mm", "qwen3:eager"),
+                          **FINE_GRAINED))
+    return cases
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Every function ``warmup`` times, then ``repeats`` interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def machine_info() -> dict[str, str]:
+    model = platform.processor()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+class DenseSwiGLU(nn.Module):
+    """The ideal: one SwiGLU FFN of hidden K·F on all T tokens."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+def _skew_router(moe: MoE, x: Tensor, s: float = 1.2, offset: float = 3.0) -> Tensor:
+    """Give x a shared direction u and the router rows −s·log(rank)/offset along it,
+    so that p_e ∝ rank_e^(−s) on average: a Zipf-like load. Returns the new x."""
+    D = x.shape[-1]
+    generator = torch.Generator().manual_seed(1)
+    u = torch.randn(D, generator=generator)
+    u /= u.norm()
+    ranks = torch.arange(1, moe.config.num_experts + 1, dtype=torch.float32)
+    with torch.no_grad():
+        moe.router.weight.mul_(0.1).add_(torch.outer(-s * ranks.log() / offset, u).to(moe.router.weight.dtype))
+    return x + offset * u.to(x.dtype)
+
+
+def _hf_peer(moe: MoE, spec: str, balanced: bool) -> nn.Module:
+    from .interop.hf import to_hf_block
+
+    family, implementation = spec.split(":")
+    c = moe.config
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        config = MixtralConfig(hidden_size=c.d_model, intermediate_size=c.d_ff, num_local_experts=c.num_experts,
+                               num_experts_per_tok=c.top_k, router_jitter_noise=0.0)
+        block_name = "MixtralSparseMoeBlock"
+    elif family == "qwen3":
+        from transformers import Qwen3MoeConfig
+
+        config = Qwen3MoeConfig(hidden_size=c.d_model, moe_intermediate_size=c.d_ff, num_experts=c.num_experts,
+                                num_experts_per_tok=c.top_k, norm_topk_prob=c.normalize_weights)
+        block_name = "Qwen3MoeSparseMoeBlock"
+    else:
+        raise ValueError(f"unknown peer {spec!r}; expected mixtral:IMPL or qwen3:IMPL")
+    config._experts_implementation = implementation
+    block = to_hf_block(moe, config, block_name)
+    if balanced:
+        gate_forward = block.gate.forward
+
+        def balanced_gate(hidden_states):
+            logits, scores, indices = gate_forward(hidden_states)
+            T, K = indices.shape
+            t = torch.arange(T, device=indices.device)
+            indices = (t[:, None] * K + torch.arange(K, device=indices.device)) % c.num_experts
+            return logits, torch.full_like(scores, 1.0 / K), indices
+
+        block.gate.forward = balanced_gate
+    return block
+
+
+def activation_bytes(fn: Callable[[], Tensor], exclude: list[Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during ``fn()``,
+    parameters and the given inputs excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+@dataclass
+class CaseResult:
+    case: dict
+    rows: list[dict] = field(default_factory=list)
+    load_max_over_mean: float = 1.0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | None = None) -> CaseResult:
+    dtype = getattr(torch, case.dtype)
+    torch.manual_seed(0)
+    T, D, Fh, E, K = case.tokens, case.d_model, case.d_ff, case.num_experts, case.top_k
+    backward = case.mode == "fwdbwd"
+    balanced = case.routing == "uniform"
+    base = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=K, load_balance_coef=0.0,
+                         debug_balanced_routing=balanced))
+    x = torch.randn(1, T, D)
+    if case.routing == "skewed":
+        x = _skew_router(base, x)
+    base = base.to(dtype)
+    x = x.to(dtype).requires_grad_(backward)
+    grad_y = torch.randn(1, T, D, dtype=dtype)
+
+    modules: dict[str, Callable[[Tensor], Tensor]] = {}
+    dense = DenseSwiGLU(D, K * Fh).to(dtype)
+    modules["dense (ideal)"] = dense
+    layers = {}
+    for path in case.paths:
+        layer = MoE(MoEConfig(**{**base.config.__dict__, "compute": path})).to(dtype)
+        layer.load_state_dict(base.state_dict())
+        layers[path] = layer
+        modules[f"moekit {path}"] = lambda x, m=layer: m(x).y
+    for spec in case.peers:
+        try:
+            block = _hf_peer(base, spec, balanced)
+        except ImportError:
+            continue
+        modules[f"transformers {spec}"] = block
+
+    def step(module, params):
+        def run():
+            for p in params:
+                p.grad = None
+            if backward:
+                x.grad = None
+                module(x).backward(grad_y)
+            else:
+                with torch.no_grad():
+                    module(x)
+
+        return run
+
+    fns, failed = {}, {}
+    for name, module in list(modules.items()):
+        owner = module if isinstance(module, nn.Module) else layers[name.split(" ", 1)[1]]
+        fns[name] = step(module, list(owner.parameters()))
+        if name.startswith("transformers"):
+            try:  # some peers cannot run the shape at all (batched_mm copies weights per token)
+                fns[name]()
+            except (RuntimeError, MemoryError) as error:
+                failed[name] = str(error).splitlines()[0][:120]
+                del fns[name], modules[name]
+    if progress:
+        progress(case.name)
+    times = median_times(fns, repeats)
+    memory = {}
+    if backward:
+        for name, module in modules.items():
+            owner = module if isinstance(module, nn.Module) else layers[name.split(" ", 1)[1]]
+            memory[name] = activation_bytes(lambda m=module: m(x), [x, *owner.parameters(), *owner.buffers()])
+    with torch.no_grad():
+        load = next(iter(layers.values()))(x).routing.tokens_per_expert_E.float()
+    t_dense = statistics.median(times["dense (ideal)"])
+    best = min(statistics.median(times[f"moekit {p}"]) for p in case.paths)
+    result = CaseResult(case=asdict(case), load_max_over_mean=float(load.max() / load.mean()), failed=failed)
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        result.rows.append({
+            "impl": name, "median_s": t, "min_s": min(ts), "max_s": max(ts), "eta": t_dense / t,
+            "gflops": case.flops / t / 1e9, "vs_best_moekit": t / best,
+            "activation_mb": memory.get(name, float("nan")) / 2**20,
+        })
+    return result
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (read + write counted)."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    times = median_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def run_decode(tokens=(1, 4, 16), repeats: int = 7, calls: int = 50, **shape) -> list[dict]:
+    """Forward time at tiny T against the bytes of expert weights that must be read."""
+    shape = {**STANDARD, **shape}
+    shape.pop("tokens")
+    bandwidth = copy_bandwidth()
+    rows = []
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=shape["d_model"], d_ff=shape["d_ff"], num_experts=shape["num_experts"],
+                        top_k=shape["top_k"])).eval()
+    per_expert = sum(p[0].numel() * p.element_size() for p in (moe.experts.w_in, moe.experts.w_out))
+    for T in tokens:
+        x = torch.randn(T, shape["d_model"])
+        with torch.no_grad():
+            hit = int((moe(x).routing.tokens_per_expert_E > 0).sum())
+
+            def call(x=x):
+                for _ in range(calls):
+                    moe(x)
+
+            t = statistics.median(median_times({"moe": call}, repeats)["moe"]) / calls
+        weight_bytes = hit * per_expert + moe.router.weight.numel() * 4
+        rows.append({"tokens": T, "experts_hit": hit, "median_us": t * 1e6, "weight_mb": weight_bytes / 2**20,
+                     "read_gb_s": weight_bytes / t / 1e9, "copy_gb_s": bandwidth / 1e9,
+                     "fraction_of_copy": weight_bytes / t / bandwidth})
+    return rows
+
+
+def format_case(result: CaseResult) -> str:
+    c = result.case
+    lines = [f"{c['name']}: T={c['tokens']} D={c['d_model']} F={c['d_ff']} E={c['num_experts']} K={c['top_k']} "
+             f"{c['dtype']} {c['mode']}, routing {c['routing']} (max/mean load {result.load_max_over_mean:.2f})",
+             f"  {'impl':32s} {'median ms':>10s} {'η':>6s} {'GFLOP/s':>8s} {'× best moekit':>14s} {'act. MB':>8s}"]
+    for r in result.rows:
+        mb = "" if math.isnan(r["activation_mb"]) else f"{r['activation_mb']:8.1f}"
+        lines.append(f"  {r['impl']:32s} {r['median_s'] * 1e3:10.1f} {r['eta']:6.2f} {r['gflops']:8.1f} "
+                     f"{r['vs_best_moekit']:14.2f} {mb:>8s}")
+    for name, reason in result.failed.items():
+        lines.append(f"  {name:32s} did not run: {reason}")
+    return "\n".join(lines)
+
+
+def format_decode(rows: list[dict]) -> str:
+    lines = [f"decode (forward, no grad): copy bandwidth {rows[0]['copy_gb_s']:.1f} GB/s (read + write)",
+             f"  {'T':>3s} {'experts':>8s} {'µs':>9s} {'weights MB':>11s} {'GB/s':>7s} {'of copy':>8s}"]
+    for r in rows:
+        lines.append(f"  {r['tokens']:3d} {r['experts_hit']:8d} {r['median_us']:9.1f} {r['weight_mb']:11.2f} "
+                     f"{r['read_gb_s']:7.1f} {r['fraction_of_copy']:8.2f}")
+    return "\n".join(lines)
