@@ -159,10 +159,10 @@ def cmd_train(args) -> int:
             _check_router(args.router)
         data_config = _data_config(args)
         out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        prepared = prepare_data(data_config, out / "tokenizer.json") if not (out / "config.json").exists() or args.overwrite else None
-        if prepared is None:
+        if (out / "config.json").exists() and not args.overwrite:
             raise CLIError(f"{str(out)!r} already holds a run; continue it with --resume {out}, "
                            "or choose another --out (or --overwrite)")
+        prepared = prepare_data(data_config)  # a new tokenizer; new_run saves it in the run folder
         model_config, train_config = _configs_from_args(args, prepared.tokenizer.vocab_size)
         trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite)
         m = trainer.model

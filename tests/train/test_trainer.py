@@ -102,3 +102,12 @@ def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, prepared, tiny
     losses = _losses(tmp_path / "run")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_a_cached_tokenizer_of_another_kind_is_refused(tmp_path, tiny_data_config):
+    from moekit.data import ByteTokenizer
+    from moekit.train import prepare_data
+
+    ByteTokenizer().save(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="holds a bytes tokenizer but 'bpe' was asked for"):
+        prepare_data(tiny_data_config, tmp_path / "tokenizer.json")

@@ -55,6 +55,11 @@ def prepare_data(config: DataConfig, tokenizer_path: Path | None = None) -> Prep
     corpus = load_corpus(config.data, config.val_fraction)
     if tokenizer_path is not None and Path(tokenizer_path).exists():
         tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.kind != config.tokenizer:
+            raise ValueError(
+                f"{str(tokenizer_path)!r} holds a {tokenizer.kind} tokenizer but {config.tokenizer!r} was asked "
+                "for; use another output folder"
+            )
     else:
         tokenizer = build_tokenizer(
             config.tokenizer, [d.text for d in corpus.train], config.vocab_size, max_chars=BPE_TRAINING_CHARS
