@@ -248,7 +248,11 @@ def cmd_report(args) -> int:
             raise CLIError(f"{args.run_dir!r} is neither a run folder (config.json) nor a demo folder (demo.json)")
         runs = {"MoE" if _is_moe(run_dir) else "dense": run_dir}
         if args.baseline:
-            runs["dense" if "MoE" in runs else "baseline"] = Path(args.baseline)
+            baseline = Path(args.baseline)
+            if not (baseline / "config.json").exists():
+                raise CLIError(f"--baseline {args.baseline!r} is not a run folder (it has no config.json)")
+            label = "dense" if "MoE" in runs and not _is_moe(baseline) else "baseline"
+            runs[label] = baseline
         seeds, title = None, f"moekit report: {run_dir.name}"
     out = Path(args.out) if args.out else run_dir / "report"
     index = write_report(runs, out, seeds=seeds, title=title)
