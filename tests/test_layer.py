@@ -13,11 +13,11 @@ from tests.helpers import assert_close_dicts, run_path
 from moekit import MoE, MoEConfig, StackedExperts
 
 CORE_ROUTERS = ["softmax", "topk", "noisy_topk", "switch"]
-FAST_PATHS = ["segment", "grouped_mm"]
+FAST_PATHS = ["segment", "grouped_mm", "small_batch"]
 
 
 def _paths_for(dtype):
-    return ["segment"] if dtype == torch.float64 else FAST_PATHS
+    return ["segment", "small_batch"] if dtype == torch.float64 else FAST_PATHS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -63,11 +63,12 @@ def test_paths_match_loop_on_random_shapes(
         moe.router.weight.mul_(20.0)
     x = torch.randn(num_tokens, d_model, dtype=torch.float64)
     ref, ref_grads = run_path(moe, "loop", x)
-    out, grads = run_path(moe, "segment", x)
-    torch.testing.assert_close(out.y, ref.y, rtol=1e-10, atol=1e-10)
-    assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
-    assert int(out.routing.num_dropped) == int(ref.routing.num_dropped)
-    assert_close_dicts(grads, ref_grads, rtol=1e-10, atol=1e-10)
+    for path in ("segment", "small_batch"):
+        out, grads = run_path(moe, path, x)
+        torch.testing.assert_close(out.y, ref.y, rtol=1e-10, atol=1e-10)
+        assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
+        assert int(out.routing.num_dropped) == int(ref.routing.num_dropped)
+        assert_close_dicts(grads, ref_grads, rtol=1e-10, atol=1e-10)
     # grouped_mm runs in float32 with 16-byte aligned rows: widen the dims to multiples of 4.
     config32 = MoEConfig(d_model=4 * d_model, d_ff=4 * d_ff, num_experts=num_experts, top_k=top_k,
                          capacity_factor=capacity_factor, drop_priority=drop_priority, z_loss_coef=1e-2)
@@ -173,7 +174,7 @@ def test_switch_routes_top1_with_its_probability_and_jitters_only_in_training():
     assert not torch.equal(jittered.routing.logits_TE, out.routing.logits_TE)
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm", "small_batch"])
 def test_batch_and_flat_inputs_and_zero_tokens(path):
     moe = MoE(d_model=8, d_ff=16, num_experts=4, compute=path)
     x = torch.randn(2, 3, 8)
@@ -262,3 +263,12 @@ def test_grouped_experts_backward_accepts_expanded_gradients(num_rows):
     reference.forward_segments(x, counts.tolist()).sum().backward()
     torch.testing.assert_close(experts.w_in.grad, reference.w_in.grad)
     torch.testing.assert_close(experts.w_out.grad, reference.w_out.grad)
+
+
+def test_auto_runs_small_batches_on_the_small_batch_path():
+    from moekit.layer import resolve_path
+
+    moe = MoE(d_model=16, d_ff=32, num_experts=8, top_k=2)
+    assert resolve_path("auto", moe.experts, torch.randn(4, 16), top_k=2) == "small_batch"
+    assert resolve_path("auto", moe.experts, torch.randn(64, 16), top_k=2) == "grouped_mm"
+    assert resolve_path("auto", moe.experts, torch.randn(64, 16, dtype=torch.float64), top_k=2) == "segment"

@@ -32,7 +32,7 @@ from .layer import MoE
 @dataclass(kw_only=True)
 class Case:
     """One benchmark shape. ``routing``: ``uniform`` (forced balanced), ``skewed``
-    (router weights that give a Zipf-like load, s ≈ 1.2) or ``router`` (as initialised)."""
+    (forced Zipf, s = 1.2; see ``fixed_assignment``) or ``router`` (as initialised)."""
 
     name: str
     tokens: int
@@ -105,20 +105,35 @@ class DenseSwiGLU(nn.Module):
         return self.w_out(F.silu(gate) * up)
 
 
-def _skew_router(moe: MoE, x: Tensor, s: float = 1.2, offset: float = 3.0) -> Tensor:
-    """Give x a shared direction u and the router rows −s·log(rank)/offset along it,
-    so that p_e ∝ rank_e^(−s) on average: a Zipf-like load. Returns the new x."""
-    D = x.shape[-1]
-    generator = torch.Generator().manual_seed(1)
-    u = torch.randn(D, generator=generator)
-    u /= u.norm()
-    ranks = torch.arange(1, moe.config.num_experts + 1, dtype=torch.float32)
-    with torch.no_grad():
-        moe.router.weight.mul_(0.1).add_(torch.outer(-s * ranks.log() / offset, u).to(moe.router.weight.dtype))
-    return x + offset * u.to(x.dtype)
+def fixed_assignment(tokens: int, num_experts: int, top_k: int, routing: str, zipf_s: float = 1.2) -> Tensor:
+    """Expert ids (T, K) that every implementation in a case is made to use.
+
+    ``uniform``: token t's k-th expert is (t·K + k) mod E, a perfectly even load;
+    ``skewed``: K distinct experts per token drawn with probability ∝ rank^(−s), s = 1.2.
+    """
+    if routing == "uniform":
+        t = torch.arange(tokens)
+        return (t[:, None] * top_k + torch.arange(top_k)) % num_experts
+    if routing == "skewed":
+        generator = torch.Generator().manual_seed(1)
+        zipf_E = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-zipf_s)
+        return torch.multinomial(zipf_E.expand(tokens, -1), top_k, replacement=False, generator=generator)
+    raise ValueError(f"routing ({routing!r}) must be 'uniform' or 'skewed' for a fixed assignment")
 
 
-def _hf_peer(moe: MoE, spec: str, balanced: bool) -> nn.Module:
+def _force_moekit_routing(moe: MoE, indices_TK: Tensor) -> None:
+    route = moe.router.forward
+
+    def forced(x_TD, **kwargs):
+        routing = route(x_TD, **kwargs)
+        K = indices_TK.shape[1]
+        return routing.replace(indices_TK=indices_TK.to(x_TD.device),
+                               weights_TK=torch.full_like(routing.weights_TK, 1.0 / K))
+
+    moe.router.forward = forced
+
+
+def _hf_peer(moe: MoE, spec: str, indices_TK: Tensor | None) -> nn.Module:
     from .interop.hf import to_hf_block
 
     family, implementation = spec.split(":")
@@ -139,17 +154,14 @@ def _hf_peer(moe: MoE, spec: str, balanced: bool) -> nn.Module:
         raise ValueError(f"unknown peer {spec!r}; expected mixtral:IMPL or qwen3:IMPL")
     config._experts_implementation = implementation
     block = to_hf_block(moe, config, block_name)
-    if balanced:
+    if indices_TK is not None:
         gate_forward = block.gate.forward
 
-        def balanced_gate(hidden_states):
-            logits, scores, indices = gate_forward(hidden_states)
-            T, K = indices.shape
-            t = torch.arange(T, device=indices.device)
-            indices = (t[:, None] * K + torch.arange(K, device=indices.device)) % c.num_experts
-            return logits, torch.full_like(scores, 1.0 / K), indices
+        def forced_gate(hidden_states):
+            logits, scores, _ = gate_forward(hidden_states)
+            return logits, torch.full_like(scores, 1.0 / indices_TK.shape[1]), indices_TK.to(scores.device)
 
-        block.gate.forward = balanced_gate
+        block.gate.forward = forced_gate
     return block
 
 
@@ -184,14 +196,9 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
     torch.manual_seed(0)
     T, D, Fh, E, K = case.tokens, case.d_model, case.d_ff, case.num_experts, case.top_k
     backward = case.mode == "fwdbwd"
-    balanced = case.routing == "uniform"
-    base = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=K, load_balance_coef=0.0,
-                         debug_balanced_routing=balanced))
-    x = torch.randn(1, T, D)
-    if case.routing == "skewed":
-        x = _skew_router(base, x)
-    base = base.to(dtype)
-    x = x.to(dtype).requires_grad_(backward)
+    forced = None if case.routing == "router" else fixed_assignment(T, E, K, case.routing)
+    base = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=K, load_balance_coef=0.0)).to(dtype)
+    x = torch.randn(1, T, D, dtype=dtype, requires_grad=backward)
     grad_y = torch.randn(1, T, D, dtype=dtype)
 
     modules: dict[str, Callable[[Tensor], Tensor]] = {}
@@ -201,11 +208,13 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
     for path in case.paths:
         layer = MoE(MoEConfig(**{**base.config.__dict__, "compute": path})).to(dtype)
         layer.load_state_dict(base.state_dict())
+        if forced is not None:
+            _force_moekit_routing(layer, forced)
         layers[path] = layer
         modules[f"moekit {path}"] = lambda x, m=layer: m(x).y
     for spec in case.peers:
         try:
-            block = _hf_peer(base, spec, balanced)
+            block = _hf_peer(base, spec, forced)
         except ImportError:
             continue
         modules[f"transformers {spec}"] = block

@@ -148,6 +148,42 @@ def loop_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_
     return y_TD.to(out_dtype), counts_E, keep_TK, num_dropped
 
 
+def small_batch_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
+    """For a handful of tokens (decoding): group assignments by expert on the host
+    and run each chosen expert once, with as few tensor ops as possible."""
+    T, K = routing.indices_TK.shape
+    E = experts.num_experts
+    restricted = capacity is not None or routing.valid_T is not None or routing.active_TK is not None
+    keep_TK = None
+    if restricted:
+        keep_TK = reference_keep(routing.indices_TK, _priority_TK(routing), E, capacity, drop_priority,
+                                 routing.valid_T, routing.active_TK, group_size)
+    experts_flat = routing.indices_TK.reshape(-1).tolist()  # NOTE: .tolist() syncs with the device
+    keep_flat = keep_TK.reshape(-1).tolist() if keep_TK is not None else None
+    by_expert: dict[int, list[int]] = {}
+    for assignment, e in enumerate(experts_flat):
+        if keep_flat is None or keep_flat[assignment]:
+            by_expert.setdefault(e, []).append(assignment)
+    weights_A = routing.weights_TK.reshape(-1)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=routing.weights_TK.dtype)
+    counts = [0] * E
+    for e, assignments in by_expert.items():
+        a_N = torch.tensor(assignments, device=x_TD.device)
+        tokens_N = a_N // K
+        out_ND = experts.forward_expert(e, x_TD.index_select(0, tokens_N))
+        y_TD = y_TD.index_add(0, tokens_N, weights_A[a_N, None] * out_ND.to(y_TD.dtype))
+        counts[e] = len(assignments)
+    counts_E = torch.tensor(counts, device=x_TD.device)
+    if keep_TK is None:
+        return y_TD.to(out_dtype), counts_E, None, torch.zeros((), dtype=torch.long, device=x_TD.device)
+    real_TK = torch.ones_like(keep_TK)
+    if routing.valid_T is not None:
+        real_TK = real_TK & routing.valid_T[:, None]
+    if routing.active_TK is not None:
+        real_TK = real_TK & routing.active_TK
+    return y_TD.to(out_dtype), counts_E, keep_TK, (real_TK & ~keep_TK).sum()
+
+
 def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
     def path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
         plan = plan_dispatch(
@@ -188,6 +224,7 @@ class ComputePath(NamedTuple):
 
 COMPUTE_PATHS: dict[str, ComputePath] = {
     "loop": ComputePath(loop_path, lambda experts, x: True),
+    "small_batch": ComputePath(small_batch_path, lambda experts, x: True),
     "segment": ComputePath(_sorted_path(_run_segments), lambda experts, x: True),
     "grouped_mm": ComputePath(
         _sorted_path(_run_grouped),
@@ -207,6 +244,7 @@ AUTO_ORDER = ("grouped_mm", "segment", "loop")
 
 ROW_RUNNERS: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
     "segment": _run_segments,
+    "small_batch": _run_segments,
     "grouped_mm": _run_grouped,
 }
 
@@ -255,8 +293,15 @@ def soft_compute(
     return y_TD.to(out_dtype), tokens_per_expert_E
 
 
-def resolve_path(name: str, experts: nn.Module, x_TD: Tensor) -> str:
+# Up to this many routed rows per expert on average, "auto" runs "small_batch":
+# per-call overhead, not matrix throughput, decides the time of a decoding step.
+SMALL_BATCH_ROWS_PER_EXPERT = 1.0
+
+
+def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1) -> str:
     if name == "auto":
+        if x_TD.shape[0] * top_k <= SMALL_BATCH_ROWS_PER_EXPERT * experts.num_experts:
+            return "small_batch"
         for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
                 return candidate
@@ -397,7 +442,7 @@ class MoE(nn.Module):
         routing = self.router(x_TD, valid_T=valid_T, **route_kwargs)
         if self.config.debug_balanced_routing:
             routing = balanced_routing(routing)
-        path = resolve_path(self.config.compute, self.experts, x_TD)
+        path = resolve_path(self.config.compute, self.experts, x_TD, self.config.top_k)
         if isinstance(routing, ExpertChoiceRouting):
             y_TD, tokens_per_expert_E = expert_choice_compute(path, x_TD, routing, self.experts, x.dtype)
             routing = routing.replace(tokens_per_expert_E=tokens_per_expert_E)

@@ -56,7 +56,8 @@ def _reached_TK(routing):
 
 
 # grouped_mm has no float64 kernel, so float64 parity runs on segment only.
-PATHS_AND_DTYPES = [("segment", torch.float32), ("grouped_mm", torch.float32), ("segment", torch.float64)]
+PATHS_AND_DTYPES = [("segment", torch.float32), ("grouped_mm", torch.float32), ("small_batch", torch.float32),
+                    ("segment", torch.float64), ("small_batch", torch.float64)]
 
 
 @pytest.mark.parametrize("path,dtype", PATHS_AND_DTYPES)
