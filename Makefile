@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m moekit.demos.digits
+	$(VENV)/bin/moekit demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -321,3 +321,22 @@ def format_decode(rows: list[dict]) -> str:
         lines.append(f"  {r['tokens']:3d} {r['experts_hit']:8d} {r['median_us']:9.1f} {r['weight_mb']:11.2f} "
                      f"{r['read_gb_s']:7.1f} {r['fraction_of_copy']:8.2f}")
     return "\n".join(lines)
+
+
+def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
+    """Every default case (optionally those whose names contain one of the
+    comma-separated ``only`` strings), then the decode case; returns the JSON record."""
+    cases = default_cases(tuple(dtypes))
+    if only:
+        cases = [c for c in cases if any(s in c.name for s in only.split(","))]
+    output = {"machine": machine_info(), "cases": [], "decode": []}
+    echo(str(output["machine"]))
+    for case in cases:
+        result = run_case(case, repeats=repeats)
+        echo(format_case(result))
+        output["cases"].append(asdict(result))
+    if decode:
+        output["decode"] = run_decode(repeats=repeats)
+        echo(format_decode(output["decode"]))
+    return output

@@ -363,6 +363,22 @@ def _print_demo_summary(comparisons: list[dict], seeds: dict | None) -> None:
               file=sys.stderr)
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import run_suite
+    from .train.checkpoint import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = run_suite(tuple(args.dtype or ["float32"]), repeats=args.repeats, only=args.only,
+                       decode=not args.no_decode, echo=lambda text: print(text, flush=True))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.json, json.dumps(output, indent=2))
+    print(f"results: {args.json}", file=sys.stderr)
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -428,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, DEMO_VOCAB_SIZE)
     _add_train_args(p, DEMO_DEFAULTS)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="time MoE layers against the dense ideal and transformers' blocks",
+                       description="Efficiency η = t_dense / t_moe of moekit's compute paths at the standard "
+                       "(T=4096, D=512, F=1024, E=8, K=2) and fine-grained (F=128, E=64, K=8) shapes, uniform and "
+                       "skewed routing, with transformers' Mixtral/Qwen3 blocks on the same weights and tokens, "
+                       "activation memory, and decode-time bandwidth. Medians of interleaved rounds.")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+                   help="dtype to run (repeatable; default: float32)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per case (default: %(default)s)")
+    p.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-bandwidth case")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"),
+                   help="where to write the results (default: %(default)s)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
