@@ -77,6 +77,9 @@ class MoEConfig:
             FFN of hidden width ``num_shared_experts · shared_d_ff``.
         shared_d_ff: hidden width of each shared expert (``None``: ``d_ff``).
         shared_expert_gate: scale the shared output by sigmoid(x·w) (Qwen2-MoE).
+        router_logit_bias: give the router a learned per-expert bias added to its
+            logits (``logits = x·W_gᵀ + b``). ``moekit.interop.surgery.grow`` uses it
+            to start new experts below every token's top-k choice.
         compute: compute path by name (see ``moekit.COMPUTE_PATHS``).
         check_finite: raise ``FloatingPointError`` when the input holds NaN/Inf
             (costs one host sync per call).
@@ -117,6 +120,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
+    router_logit_bias: bool = False
     compute: str = "auto"
     check_finite: bool = False
     debug_balanced_routing: bool = False

@@ -7,8 +7,13 @@ weights that sum to one (``topk`` with renormalisation, ``softmax``,
 whatever the router's fresh weights; training then lets the experts diverge.
 ``perturb`` and ``reinit_fraction`` break the symmetry from the start.
 
-Dense FFNs understood: moekit's own (an ``MoE`` with one expert, or
-``StackedExperts`` with one expert); gated MLPs with ``gate_proj``/``up_proj``/
+``grow(moe, n, x)`` adds n experts to a trained layer without changing what it
+computes for tokens like ``x``; ``freeze_experts`` keeps chosen experts'
+weights fixed while the rest of the stacked tensor trains.
+
+Dense FFNs understood: moekit's own (an ``MoE`` with one expert,
+``StackedExperts`` with one expert, or the language model's dense ``SwiGLU``
+with ``w_in``/``w_out`` linears); gated MLPs with ``gate_proj``/``up_proj``/
 ``down_proj`` (Llama, Qwen, Mistral); GPT-2's MLP (``c_fc``/``c_proj``).
 """
 
@@ -57,6 +62,9 @@ def read_dense_ffn(ffn: nn.Module) -> DenseFFN:
             raise ValueError(f"a dense FFN has one expert; these StackedExperts have {ffn.num_experts}")
         return DenseFFN(ffn.w_in[0], ffn.w_out[0], None if ffn.b_in is None else ffn.b_in[0],
                         None if ffn.b_out is None else ffn.b_out[0], ffn.kind, ffn.activation)
+    if isinstance(getattr(ffn, "w_in", None), nn.Linear) and isinstance(getattr(ffn, "w_out", None), nn.Linear):
+        # moekit.models.lm.SwiGLU: w_in holds the gate rows then the up rows, like a swiglu expert.
+        return DenseFFN(ffn.w_in.weight, ffn.w_out.weight, ffn.w_in.bias, ffn.w_out.bias, "swiglu", "silu")
     if all(hasattr(ffn, n) for n in ("gate_proj", "up_proj", "down_proj")):
         act_name = getattr(getattr(ffn, "config", None), "hidden_act", "silu")
         activation = _hf_activation(act_name)
@@ -230,4 +238,113 @@ def merge_most_similar(moe: MoE, x_ND: Tensor) -> tuple[MoE, tuple[int, int]]:
             weights = getattr(source, name)
             target[a] = (weights[a] + weights[b]) / 2
     merged.router.weight[a] = (moe.router.weight[a] + moe.router.weight[b]) / 2
+    if moe.router.logit_bias is not None:
+        merged.router.logit_bias[a] = (moe.router.logit_bias[a] + moe.router.logit_bias[b]) / 2
     return merged, (a, b)
+
+
+# Routers whose choice is the top K of the logits, so that a logit below every
+# token's K-th largest one is never chosen.
+GROWABLE_ROUTERS = ("topk", "switch", "noisy_topk")
+
+
+@torch.no_grad()
+def router_logits(moe: MoE, x_ND: Tensor) -> Tensor:
+    """The router's logits (N, E) in float32 as in evaluation (no jitter, no noise)."""
+    weight = moe.router.weight.float()
+    logits_NE = x_ND.reshape(-1, weight.shape[1]).float() @ weight.t()
+    if moe.router.logit_bias is not None:
+        logits_NE = logits_NE + moe.router.logit_bias.float()
+    return logits_NE
+
+
+@torch.no_grad()
+def grow(moe: MoE, num_new: int, x_ND: Tensor, *, margin: float = 1.0, seed: int = 0) -> MoE:
+    """A new MoE with ``num_new`` extra experts that no token of ``x_ND`` chooses yet.
+
+    The old experts, their router rows and every other weight are copied. Each
+    new expert gets fresh weights, a random router row (the old rows' scale,
+    so the new experts differ from one another) and a logit bias that puts its
+    logit ``margin`` below the K-th largest old logit of every token in
+    ``x_ND``. Those tokens therefore choose exactly the experts they chose
+    before with the same combine weights (renormalised top-k weights do not
+    depend on the logits left out), so the layer's output is unchanged.
+
+    New experts are not dead: their logits are finite, so the load-balancing
+    loss (which falls when probability mass spreads to idle experts) and the
+    z-loss give their router rows and biases gradient from the first step;
+    once a new expert enters a token's top K, the task loss trains it. Noisy
+    top-k also samples them in training. Tokens unlike ``x_ND`` may choose a new
+    expert from the start: pass representative inputs (the layer's inputs on
+    validation data).
+
+    Args:
+        moe: a trained layer with stacked experts and a top-k router (topk, switch, noisy_topk).
+        num_new: experts to add (n ≥ 1).
+        x_ND: representative router inputs (N, D), e.g. captured on validation data.
+        margin: how far (in logits) below each token's K-th choice the new experts start.
+        seed: seed of the new experts' weights and router rows.
+    """
+    experts = _stacked(moe)
+    config = moe.config
+    if config.router not in GROWABLE_ROUTERS:
+        raise ValueError(f"grow supports the routers {', '.join(GROWABLE_ROUTERS)}; this layer's router is "
+                         f"{config.router!r}")
+    if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
+        raise ValueError(f"num_new ({num_new!r}) must be a positive integer")
+    if not margin > 0:
+        raise ValueError(f"margin ({margin}) must be > 0")
+    if x_ND.numel() == 0:
+        raise ValueError("grow needs representative inputs x_ND; got none")
+    E, K = config.num_experts, config.top_k
+    fields = {**config.__dict__, "num_experts": E + num_new, "router_logit_bias": True}
+    grown = MoE(MoEConfig(**fields), name=moe.name).to(device=experts.w_in.device, dtype=experts.w_in.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    fresh = StackedExperts(num_new, config.d_model, config.d_ff, kind=experts.kind, activation=experts.activation,
+                           bias=experts.b_in is not None)
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        target = getattr(grown.experts, name)
+        if target is not None:
+            new_values = getattr(fresh, name)
+            if name.startswith("w"):
+                new_values = torch.randn(new_values.shape, generator=generator) * new_values.std()
+            target.copy_(torch.cat([getattr(experts, name), new_values.to(target)]))
+    old_weight = moe.router.weight
+    new_rows = torch.randn(num_new, config.d_model, generator=generator) * old_weight.float().std()
+    grown.router.weight.copy_(torch.cat([old_weight, new_rows.to(old_weight)]))
+    kth_old_N = router_logits(moe, x_ND).topk(K, dim=-1).values[:, -1]
+    new_logits_Nn = x_ND.reshape(-1, config.d_model).float() @ new_rows.t().to(x_ND.device)
+    new_bias = (kth_old_N[:, None] - new_logits_Nn).min(dim=0).values - margin
+    old_bias = moe.router.logit_bias if moe.router.logit_bias is not None else torch.zeros(E)
+    grown.router.logit_bias.copy_(torch.cat([old_bias.float().cpu(), new_bias.cpu()]))
+    if moe.shared_experts is not None:
+        grown.shared_experts.load_state_dict(moe.shared_experts.state_dict())
+    return grown
+
+
+def freeze_experts(experts: StackedExperts | MoE, frozen: list[int] | Tensor) -> list:
+    """Zero the gradient of the ``frozen`` experts' rows of every stacked weight.
+
+    The experts are one (E, …) parameter each, so ``requires_grad`` cannot freeze
+    some of them; a gradient hook masks their rows instead. With zero gradients
+    from the start, Adam's moments for those rows stay zero and its update is
+    exactly zero, but decoupled weight decay would still shrink them: put these
+    parameters in a group without weight decay (``Parameter.frozen_rows_E``
+    marks them). Returns the hook handles (``handle.remove()`` undoes it).
+    """
+    if isinstance(experts, MoE):
+        experts = _stacked(experts)
+    E = experts.num_experts
+    frozen = torch.as_tensor(frozen, dtype=torch.long)
+    if frozen.numel() and (frozen.min() < 0 or frozen.max() >= E):
+        raise ValueError(f"frozen ({frozen.tolist()}) must list expert ids in [0, {E})")
+    handles = []
+    for param in (experts.w_in, experts.w_out, experts.b_in, experts.b_out):
+        if param is None:
+            continue
+        keep_E = torch.ones(E, dtype=param.dtype, device=param.device)
+        keep_E[frozen.to(param.device)] = 0
+        mask = keep_E.view(E, *([1] * (param.dim() - 1)))
+        param.frozen_rows_E = keep_E == 0
+        handles.append(param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype)))
+    return handles

@@ -195,6 +195,7 @@ class Router(nn.Module):
         self.top_k = config.top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         nn.init.normal_(self.weight, std=0.02)
+        self.logit_bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_logit_bias else None
 
     def router_input(self, x_TD: Tensor) -> Tensor:
         return x_TD
@@ -206,6 +207,8 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             xr_TD = self.router_input(x_TD.to(dtype))
             logits_TE = xr_TD @ self.weight.to(dtype).t()
+            if self.logit_bias is not None:
+                logits_TE = logits_TE + self.logit_bias.to(dtype)
             return self.route(logits_TE, xr_TD, valid_T, **kwargs)
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, **kwargs) -> Routing:
