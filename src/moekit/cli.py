@@ -117,6 +117,7 @@ def _configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=min(args.log_every, args.steps),
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, device=args.device,
+        stage=getattr(args, "stage", "full"),
     )
     return model_config, train_config
 
@@ -144,8 +145,16 @@ def _check_router(name: str) -> None:
 # --- commands ------------------------------------------------------------------------
 
 
+def _new_run_folder(out: str | None) -> Path:
+    # A run started from another one never replaces a folder: nothing trained is lost.
+    folder = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if (folder / "config.json").exists():
+        raise CLIError(f"{str(folder)!r} already holds a run; choose another --out")
+    return folder
+
+
 def cmd_train(args) -> int:
-    from .train import new_run, prepare_data, resume_run
+    from .train import fork_run, new_run, prepare_data, resume_run
 
     if args.threads:
         import torch
@@ -154,7 +163,17 @@ def cmd_train(args) -> int:
     if args.resume:
         trainer = resume_run(args.resume, steps=args.steps_override)
         print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+    elif args.init_from:
+        out = _new_run_folder(args.out)
+        model, tokenizer, _, _ = _load_model(args.init_from)
+        _, train_config = _configs_from_args(args, tokenizer.vocab_size, moe=False)
+        fork_run(Path(args.init_from), out, model, train_config)
+        trainer = resume_run(out)
+        print(f"run folder {out}: from {args.init_from}, stage {args.stage}", file=sys.stderr)
     else:
+        if args.stage == "gate":
+            raise CLIError("--stage gate trains the router of trained experts: pass --init-from RUN_DIR "
+                           "(the --stage experts run)")
         if args.experts > 0:
             _check_router(args.router)
         data_config = _data_config(args)
@@ -197,13 +216,16 @@ def cmd_eval(args) -> int:
     from .train import evaluate, read_run_config
 
     model, tokenizer, _, state = _load_model(args.run_dir)
-    _, _, data_info = read_run_config(Path(args.run_dir))
+    _, _, data_info = read_run_config(Path(args.data_of or args.run_dir))
     corpus = load_corpus(data_info["data"], data_info["val_fraction"])
     val_N = encode_documents(tokenizer, [d.text for d in corpus.val])  # the training split is not needed
     batches = validation_batches(val_N, args.batch_size, model.config.context_length, args.batches)
     loss = evaluate(model, batches, "cpu")
     num_tokens = sum(y.numel() for _, y in batches)
-    print(json.dumps({"run": args.run_dir, "step": state["step"], "val_loss": loss, "tokens": num_tokens}))
+    result = {"run": args.run_dir, "step": state["step"], "val_loss": loss, "tokens": num_tokens}
+    if args.data_of:
+        result["data_of"] = args.data_of
+    print(json.dumps(result))
     return 0
 
 
@@ -379,6 +401,123 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- expert surgery: upcycle, grow, prune ------------------------------------------
+
+
+def _validation_batches_of(run_dir: Path, tokenizer, context_length: int, batch_size: int, max_batches: int):
+    """Fixed validation windows of the corpus run_dir was trained on."""
+    from .data import load_corpus, validation_batches
+    from .data.dataset import encode_documents
+    from .train import read_run_config
+
+    _, _, data_info = read_run_config(run_dir)
+    corpus = load_corpus(data_info["data"], data_info["val_fraction"])
+    val_N = encode_documents(tokenizer, [d.text for d in corpus.val])
+    return validation_batches(val_N, batch_size, context_length, max_batches)
+
+
+def _derived_train_config(args, source_train, **changes):
+    """The source run's training settings with this command's steps, lr and seed."""
+    import dataclasses
+
+    lr = args.lr if args.lr is not None else source_train.lr
+    # Another seed than the source's, so the new run does not replay the source's first batches.
+    seed = args.seed if args.seed is not None else source_train.seed + 1
+    settings = dict(
+        steps=args.steps, lr=lr, min_lr=lr / 10, warmup_steps=args.steps // 10, seed=seed,
+        log_every=min(source_train.log_every, args.steps), eval_every=min(source_train.eval_every, args.steps),
+        checkpoint_every=min(source_train.checkpoint_every, args.steps), stage="full", freeze_old_experts=0)
+    return dataclasses.replace(source_train, **dict(settings, **changes))
+
+
+def _surgery(args, operate) -> int:
+    """Load RUN_DIR, apply ``operate(model, val_batches) -> (new_model, train_changes, info)``,
+    measure the validation loss before and after, and write the new run folder."""
+    import torch
+
+    from .train import evaluate, fork_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = Path(args.run_dir)
+    out = _new_run_folder(args.out)
+    model, tokenizer, source_train, _ = _load_model(args.run_dir)
+    batches = _validation_batches_of(source, tokenizer, model.config.context_length, args.batch_size,
+                                     args.eval_batches)
+    new_model, train_changes, info = operate(model, batches)
+    new_model.eval()
+    before, after = evaluate(model, batches, "cpu"), evaluate(new_model, batches, "cpu")
+    train_config = _derived_train_config(args, source_train, **train_changes)
+    fork_run(source, out, new_model, train_config, **({"data": args.data} if getattr(args, "data", None) else {}))
+    experts = [m.config.moe.num_experts if m.config.moe else 0 for m in (model, new_model)]
+    report = {"command": args.command, "source": str(source), "out": str(out), "experts_before": experts[0],
+              "experts_after": experts[1], "val_loss_before": before, "val_loss_after": after,
+              "val_loss_change": after - before, **info}
+    print(json.dumps(report))
+    print(f"{out}: {experts[0]} → {experts[1]} experts per MoE layer; validation loss on {source}'s data "
+          f"{before:.4f} → {after:.4f} ({after - before:+.4f}). Train on with: moekit train --resume {out}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from .interop.lm_surgery import upcycle_lm
+
+    def operate(model, batches):
+        if model.config.moe is not None:
+            raise CLIError(f"{args.run_dir!r} is already an MoE model; upcycle a dense run (moekit train --experts 0)")
+        moe_fields = dict(load_balance_coef=args.load_balance_coef, z_loss_coef=args.z_loss_coef)
+        return upcycle_lm(model, args.experts, args.top_k, perturb=args.perturb, seed=args.seed or 0,
+                          **moe_fields), {}, {"top_k": args.top_k}
+
+    if args.experts < 2:
+        raise CLIError(f"--experts ({args.experts}) must be >= 2 to upcycle")
+    return _surgery(args, operate)
+
+
+def cmd_grow(args) -> int:
+    from .interop.lm_surgery import capture_moe_inputs, grow_lm
+
+    def operate(model, batches):
+        if model.config.moe is None:
+            raise CLIError(f"{args.run_dir!r} is a dense model; upcycle it first (moekit upcycle)")
+        old = model.config.moe.num_experts
+        inputs = capture_moe_inputs(model, batches)
+        grown = grow_lm(model, args.add, inputs, margin=args.margin, seed=args.seed or 0)
+        changes = {"freeze_old_experts": old} if args.freeze_old else {}
+        return grown, changes, {"added": args.add, "freeze_old": args.freeze_old, "data": args.data}
+
+    return _surgery(args, operate)
+
+
+def cmd_prune(args) -> int:
+    from .interop.lm_surgery import capture_moe_inputs, prune_lm
+
+    def operate(model, batches):
+        if model.config.moe is None:
+            raise CLIError(f"{args.run_dir!r} is a dense model: it has no experts to prune")
+        inputs = capture_moe_inputs(model, batches)
+        pruned, removed = prune_lm(model, args.remove, inputs, by=args.by)
+        return pruned, {}, {"by": args.by, "removed": {str(k): v for k, v in removed.items()}}
+
+    return _surgery(args, operate)
+
+
+def _add_surgery_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the trained run to start from (only read)")
+    p.add_argument("--out", required=True, metavar="NEW_RUN", help="the new run folder (must not hold a run)")
+    g = p.add_argument_group("training the new run (moekit train --resume NEW_RUN)")
+    g.add_argument("--steps", type=_positive_int, default=200, help="steps of the new run's schedule (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the source run's)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the new weights and the new run's batches (default: the source's seed + 1)")
+    g = p.add_argument_group("measuring")
+    g.add_argument("--eval-batches", type=_positive_int, default=16,
+                   help="validation batches for the losses and the captured router inputs (default: %(default)s)")
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -400,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-steps", dest="steps_override", type=_positive_int, default=None, metavar="N",
                    help="with --resume: train on to N steps in all (the cosine schedule is stretched to N)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--stage", choices=("full", "experts", "gate"), default="full",
+                   help="two-stage training: 'experts' trains each expert on its own cluster of the data with the "
+                   "routing fixed by the cluster; 'gate' (with --init-from the experts run) trains only the routers "
+                   "(default: full)")
+    p.add_argument("--init-from", metavar="RUN_DIR", default=None,
+                   help="start from RUN_DIR's latest weights (its model, tokenizer and corpus; model and data "
+                   "options are ignored) with a fresh optimizer and this command's training options")
     _add_model_args(p, TRAIN_DEFAULTS)
     _add_data_args(p, 4096)
     _add_train_args(p, TRAIN_DEFAULTS)
@@ -410,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by moekit train")
     p.add_argument("--batches", type=_positive_int, default=64, help="validation batches at most (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--data-of", metavar="OTHER_RUN", default=None,
+                   help="evaluate on the validation split of OTHER_RUN's corpus (e.g. the data a grown model "
+                   "was trained on before growing)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="stream text sampled from a run's latest checkpoint",
@@ -444,6 +593,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, DEMO_VOCAB_SIZE)
     _add_train_args(p, DEMO_DEFAULTS)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("upcycle", help="turn a dense run into an MoE run whose experts start as its FFN",
+                       description="Sparse upcycling: every dense FFN of RUN_DIR's model becomes an MoE whose experts "
+                       "are copies of it, so the new model computes what the dense one did; NEW_RUN starts at step 0 "
+                       "with a fresh optimizer. Continue with: moekit train --resume NEW_RUN.")
+    _add_surgery_args(p)
+    p.add_argument("--experts", type=_positive_int, required=True, help="experts per MoE layer E (>= 2)")
+    p.add_argument("--top-k", type=_positive_int, default=2, help="experts per token K (default: %(default)s)")
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="multiply each copy but the first by (1 + perturb·noise) so experts diverge sooner "
+                   "(default: exact copies)")
+    p.add_argument("--load-balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight (default: %(default)s)")
+    p.add_argument("--z-loss-coef", type=float, default=0.001, help="router z-loss weight (default: %(default)s)")
+    p.set_defaults(func=cmd_upcycle)
+
+    p = sub.add_parser("grow", help="add experts to a trained MoE run without changing its output",
+                       description="Add N experts to every MoE layer of RUN_DIR's model. The new experts start below "
+                       "every validation token's top-k choice, so the model's output is unchanged at step 0; the "
+                       "balancing loss then draws tokens to them. --data trains NEW_RUN on other text.")
+    _add_surgery_args(p)
+    p.add_argument("--add", type=_positive_int, required=True, help="experts to add per MoE layer")
+    p.add_argument("--freeze-old", action="store_true",
+                   help="train only the new experts and the routers; every other weight keeps its value")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="text the new run trains on (default: RUN_DIR's corpus); the tokenizer stays RUN_DIR's")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="logits by which new experts start below each token's k-th choice (default: %(default)s)")
+    p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("prune", help="remove experts from a trained MoE run and report the loss change",
+                       description="Remove K experts from every MoE layer of RUN_DIR's model: those that route the "
+                       "fewest validation tokens (--by load), or by merging the pair whose outputs agree most, K times "
+                       "(--by similarity). The router renormalises over the experts left.")
+    _add_surgery_args(p)
+    p.add_argument("--remove", type=_positive_int, required=True, help="experts to remove per MoE layer")
+    p.add_argument("--by", choices=("load", "similarity"), default="load",
+                   help="which experts go (default: %(default)s)")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("bench", help="time MoE layers against the dense ideal and transformers' blocks",
                        description="Efficiency η = t_dense / t_moe of moekit's compute paths at the standard "

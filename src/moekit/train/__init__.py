@@ -2,7 +2,7 @@
 
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import read_metrics
-from .run import DataConfig, PreparedData, new_run, prepare_data, resume_run
+from .run import DataConfig, PreparedData, fork_run, new_run, prepare_data, resume_run
 from .trainer import TrainConfig, Trainer, evaluate, learning_rate, read_run_config
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Trainer",
     "atomic_write",
     "evaluate",
+    "fork_run",
     "latest_checkpoint",
     "learning_rate",
     "load_checkpoint",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Corpus, TokenData, build_tokenizer, load_corpus, load_tokenizer, tokenize_corpus
-from ..models.lm import LMConfig
+from ..models.lm import LanguageModel, LMConfig
 from .trainer import TrainConfig, Trainer, read_run_config, write_run_config
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -128,3 +128,39 @@ def resume_run(run_dir: Path, *, steps: int | None = None, **trainer_kwargs) -> 
         )
     return Trainer(run_dir, model_config, train_config, prepared.tokens, resume=True, **trainer_kwargs)
 
+
+
+def fork_run(
+    source_dir: Path,
+    run_dir: Path,
+    model: LanguageModel,
+    train_config: TrainConfig,
+    *,
+    data: str | None | object = ...,
+) -> Path:
+    """Start a new run folder from ``model`` (a copy or a surgery of ``source_dir``'s weights).
+
+    The new run reuses the source's tokenizer (the model's vocabulary) and, unless
+    ``data`` names other text, its corpus; its config is ``model.config`` and
+    ``train_config``, and its step-0 checkpoint holds ``model`` with a fresh
+    optimizer. Continue it with ``resume_run`` (``moekit train --resume``). The
+    source folder is only read; an existing ``run_dir`` is refused.
+    """
+    source_dir, run_dir = Path(source_dir), Path(run_dir)
+    if run_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"the new run folder ({str(run_dir)!r}) must differ from the source ({str(source_dir)!r})")
+    if (run_dir / "config.json").exists():
+        raise FileExistsError(f"{str(run_dir)!r} already holds a run; choose another --out")
+    _, _, source_info = read_run_config(source_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    data_config = DataConfig(data=source_info["data"] if data is ... else data, tokenizer=source_info["tokenizer"],
+                             vocab_size=source_info["vocab_size"], val_fraction=source_info["val_fraction"])
+    prepared = prepare_data(data_config, run_dir / TOKENIZER_FILE)
+    info = dict(prepared.info, data=data_config.data, val_fraction=data_config.val_fraction)
+    write_run_config(run_dir, model.config, train_config, info)
+    trainer = Trainer(run_dir, model.config, train_config, prepared.tokens, tensorboard=False, progress=False)
+    trainer.model.load_state_dict(model.state_dict())
+    trainer.save()
+    trainer.metrics.close()
+    return run_dir

@@ -34,6 +34,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .metrics import IntervalStats, MetricsLog
+from .stages import ClusterRouting, configure_trainable
+
+
+TRAINING_STAGES = ("full", "experts", "gate")
 
 
 @dataclass(kw_only=True)
@@ -56,6 +60,12 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (and at the last step).
         bf16: autocast matrix multiplies to bfloat16.
         device: ``cpu`` or ``cuda``.
+        stage: ``full`` trains everything. Two-stage training (see docs/surgery.md):
+            ``experts`` routes every sequence to the expert of its data cluster
+            (k-means of token histograms) with the routers frozen; ``gate`` then
+            trains only the routers, every other weight frozen.
+        freeze_old_experts: n > 0 trains only experts n, n+1, … of each MoE layer and
+            the routers; everything else keeps its weights (``moekit grow --freeze-old``).
     """
 
     steps: int = 300
@@ -74,8 +84,18 @@ class TrainConfig:
     checkpoint_every: int = 100
     bf16: bool = False
     device: str = "cpu"
+    stage: str = "full"
+    freeze_old_experts: int = 0
 
     def __post_init__(self) -> None:
+        if self.stage not in TRAINING_STAGES:
+            raise ValueError(f"stage ({self.stage!r}) must be one of {', '.join(TRAINING_STAGES)}")
+        if isinstance(self.freeze_old_experts, bool) or not isinstance(self.freeze_old_experts, int) \
+                or self.freeze_old_experts < 0:
+            raise ValueError(f"freeze_old_experts ({self.freeze_old_experts!r}) must be an integer >= 0")
+        if self.stage != "full" and self.freeze_old_experts:
+            raise ValueError(f"freeze_old_experts ({self.freeze_old_experts}) applies to stage 'full', "
+                             f"not {self.stage!r}")
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,8 +121,12 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Stacked experts with frozen rows skip weight decay: it would shrink the frozen rows too.
+    def decays(p):
+        return p.dim() >= 2 and getattr(p, "frozen_rows_E", None) is None
+
+    decay = [p for p in model.parameters() if decays(p)]
+    no_decay = [p for p in model.parameters() if not decays(p)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
@@ -162,6 +186,10 @@ class Trainer:
         self.progress, self.description = progress, description or self.run_dir.name
         torch.manual_seed(train_config.seed)
         self.model = LanguageModel(model_config).to(train_config.device)
+        configure_trainable(self.model, train_config)
+        if train_config.stage == "experts":
+            self.cluster_routing = ClusterRouting.fit(data.train_N, model_config, train_config.seed)
+            self.cluster_routing.attach(self.model)
         self.optimizer = build_optimizer(self.model, train_config)
         self.step = 0
         self.elapsed = 0.0  # training seconds, summed over resumed sessions
