@@ -244,8 +244,10 @@ def merge_most_similar(moe: MoE, x_ND: Tensor) -> tuple[MoE, tuple[int, int]]:
 
 
 # Routers whose choice is the top K of the logits, so that a logit below every
-# token's K-th largest one is never chosen.
-GROWABLE_ROUTERS = ("topk", "switch", "noisy_topk")
+# token's K-th largest one is never chosen, and whose renormalised weights do not
+# depend on the logits left out. Switch's weight is the raw probability, whose
+# softmax denominator a new expert would change.
+GROWABLE_ROUTERS = ("topk", "noisy_topk")
 
 
 @torch.no_grad()
@@ -279,7 +281,8 @@ def grow(moe: MoE, num_new: int, x_ND: Tensor, *, margin: float = 1.0, seed: int
     validation data).
 
     Args:
-        moe: a trained layer with stacked experts and a top-k router (topk, switch, noisy_topk).
+        moe: a trained layer with stacked experts and a top-k router (topk, noisy_topk) that
+            renormalises its weights (``normalize_weights=True``).
         num_new: experts to add (n ≥ 1).
         x_ND: representative router inputs (N, D), e.g. captured on validation data.
         margin: how far (in logits) below each token's K-th choice the new experts start.
@@ -290,6 +293,9 @@ def grow(moe: MoE, num_new: int, x_ND: Tensor, *, margin: float = 1.0, seed: int
     if config.router not in GROWABLE_ROUTERS:
         raise ValueError(f"grow supports the routers {', '.join(GROWABLE_ROUTERS)}; this layer's router is "
                          f"{config.router!r}")
+    if not config.normalize_weights:
+        raise ValueError("grow needs normalize_weights=True: raw top-k probabilities change when experts are "
+                         "added, so the output would not be preserved")
     if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
         raise ValueError(f"num_new ({num_new!r}) must be a positive integer")
     if not margin > 0:

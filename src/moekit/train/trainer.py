@@ -36,7 +36,6 @@ from .checkpoint import (
 from .metrics import IntervalStats, MetricsLog
 from .stages import ClusterRouting, configure_trainable
 
-
 TRAINING_STAGES = ("full", "experts", "gate")
 
 
