@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
         out = _new_run_folder(args.out)
         model, tokenizer, _, _ = _load_model(args.init_from)
         _, train_config = _configs_from_args(args, tokenizer.vocab_size, moe=False)
-        fork_run(Path(args.init_from), out, model, train_config)
+        fork_run(Path(args.init_from), out, model, train_config, **({"data": args.data} if args.data else {}))
         trainer = resume_run(out)
         print(f"run folder {out}: from {args.init_from}, stage {args.stage}", file=sys.stderr)
     else:
@@ -544,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "routing fixed by the cluster; 'gate' (with --init-from the experts run) trains only the routers "
                    "(default: full)")
     p.add_argument("--init-from", metavar="RUN_DIR", default=None,
-                   help="start from RUN_DIR's latest weights (its model, tokenizer and corpus; model and data "
-                   "options are ignored) with a fresh optimizer and this command's training options")
+                   help="start from RUN_DIR's latest weights (its model and tokenizer; its corpus unless --data is "
+                   "given; model options are ignored) with a fresh optimizer and this command's training options")
     _add_model_args(p, TRAIN_DEFAULTS)
     _add_data_args(p, 4096)
     _add_train_args(p, TRAIN_DEFAULTS)
