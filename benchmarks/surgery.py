@@ -65,6 +65,13 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r]
 
 
+def last_interval(run: Path, old_experts: int) -> dict:
+    """Training loss and the new experts' share of the load in the last logged interval."""
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    share = sum(sum(layer[old_experts:]) for layer in last["load"]) / len(last["load"])
+    return {"train_loss": last["loss"], "new_expert_share": share}
+
+
 def eval_loss(run: Path, data_of: Path | None = None) -> float:
     extra = ["--data-of", data_of] if data_of else []
     return last_json(moekit("eval", run, "--batches", "16", *extra))["val_loss"]
@@ -128,19 +135,22 @@ def growing(out: Path, code: Path, text: Path, base_steps: int, extra_steps: int
         new_before = new_before if new_before is not None else eval_loss(run)  # step 0 = the base model
         moekit("train", "--resume", run)
         rows[label] = {"old_val": eval_loss(run, data_of=base), "new_val": eval_loss(run),
-                       "step0_change": report["val_loss_change"]}
+                       "step0_change": report["val_loss_change"], **last_interval(run, old_experts=4)}
     # Baseline without new experts: fine-tune the base model itself on the new text.
     tuned = out / "finetuned"
     moekit("train", "--init-from", base, "--data", text, "--out", tuned, "--steps", extra_steps, "--seed", "1",
            "--lr", "3e-3", "--eval-every", "50", "--eval-batches", "8", "--batch-size", "16", "--threads", "1")
     rows["no growth, fine-tuned"] = {"old_val": eval_loss(tuned, data_of=base), "new_val": eval_loss(tuned),
-                                     "step0_change": 0.0}
+                                     "step0_change": 0.0, **last_interval(tuned, old_experts=4)}
     print(f"\nGrowing: MoE E=4 trained {base_steps} steps on Python; +{extra_steps} steps on the text corpus")
-    print(f"{'':28s}  {'old val (Python)':>17s}  {'new val (text)':>15s}")
+    print(f"{'':28s}  {'old val (Python)':>17s}  {'new val (text)':>15s}  {'new train':>9s}  {'new experts':>11s}")
     print(f"{'before (base model)':28s}  {old_before:17.4f}  {new_before:15.4f}")
     for label, r in rows.items():
-        print(f"{label:28s}  {r['old_val']:17.4f}  {r['new_val']:15.4f}   "
-              f"(old {r['old_val'] - old_before:+.4f}, new {r['new_val'] - new_before:+.4f})")
+        print(f"{label:28s}  {r['old_val']:17.4f}  {r['new_val']:15.4f}  {r['train_loss']:9.4f}  "
+              f"{r['new_expert_share']:11.0%}   (old {r['old_val'] - old_before:+.4f}, "
+              f"new {r['new_val'] - new_before:+.4f})")
+    print("new train: training loss on the text over the last logged steps; new experts: their share of the "
+          "routed assignments then")
     return {"old_before": old_before, "new_before": new_before, "after": rows}
 
 

@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_surgery_args(p)
     p.add_argument("--add", type=_positive_int, required=True, help="experts to add per MoE layer")
     p.add_argument("--freeze-old", action="store_true",
-                   help="train only the new experts and the routers; every other weight keeps its value")
+                   help="train only the new experts and their router rows; every other weight keeps its value")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text the new run trains on (default: RUN_DIR's corpus); the tokenizer stays RUN_DIR's")
     p.add_argument("--margin", type=float, default=1.0,

@@ -11,7 +11,7 @@ to choose among the frozen experts.
   weight 1, in every MoE layer, in training and evaluation alike; the routers
   are frozen and their auxiliary losses dropped (they decide nothing).
 - stage ``gate``: only the routers train.
-- ``freeze_old_experts = n``: only experts n.. and the routers train (growing).
+- ``freeze_old_experts = n``: only experts n.. and their router rows train (growing).
 
 Shapes: B batch, S sequence length, V vocabulary, E experts (= clusters), T = B·S.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..interop.surgery import freeze_experts
+from ..interop.surgery import freeze_experts, freeze_router_rows
 from ..routing import Routing
 
 # Windows sampled to fit the clusters, and Lloyd iterations: enough for stable
@@ -52,7 +52,11 @@ def configure_trainable(model: nn.Module, config) -> None:
             param.requires_grad_(is_router or is_expert)
     if config.freeze_old_experts:
         for i in model.moe_layers:
-            freeze_experts(model.blocks[i].ffn, list(range(config.freeze_old_experts)))
+            old = list(range(config.freeze_old_experts))
+            freeze_experts(model.blocks[i].ffn, old)
+            # Old rows fixed too: an old token's logits for the old experts stay as they were,
+            # so its routing changes only where a new expert outbids them.
+            freeze_router_rows(model.blocks[i].ffn, old)
 
 
 def token_histograms(x_BS: Tensor, vocab_size: int) -> Tensor:

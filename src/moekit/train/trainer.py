@@ -64,7 +64,7 @@ class TrainConfig:
             (k-means of token histograms) with the routers frozen; ``gate`` then
             trains only the routers, every other weight frozen.
         freeze_old_experts: n > 0 trains only experts n, n+1, … of each MoE layer and
-            the routers; everything else keeps its weights (``moekit grow --freeze-old``).
+            their router rows; everything else keeps its weights (``moekit grow --freeze-old``).
     """
 
     steps: int = 300
