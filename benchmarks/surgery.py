@@ -9,6 +9,8 @@ Questions:
    (with the old experts frozen, and without)?
 3. Pruning: how does the validation loss grow with the number of experts removed,
    by measured load and by merging the most similar pair?
+4. Two-stage training: experts trained on their clusters with fixed routing, then
+   the gate alone; how does it compare with training everything at once?
 
 Everything runs through the ``moekit`` command, so the table rows are the commands a
 user would type (printed as they run). Small settings, one CPU thread:
@@ -174,12 +176,35 @@ def pruning(out: Path, code: Path, base_steps: int) -> dict:
             "similarity": [table[("similarity", k)] for k in range(1, 8)]}
 
 
+def two_stage(out: Path, code: Path, base_steps: int, gate_steps: int) -> dict:
+    experts, gate = out / "stage-experts", out / "stage-gate"
+    moekit("train", "--stage", "experts", "--out", experts, "--data", code, "--experts", "4", "--top-k", "2",
+           "--expert-d-ff", "128", "--steps", base_steps, *MODEL)
+    moekit("train", "--stage", "gate", "--init-from", experts, "--out", gate, "--steps", gate_steps, "--lr", "3e-3",
+           "--eval-every", "50", "--eval-batches", "8", "--batch-size", "16", "--threads", "1")
+    # moekit eval loads the plain model: its (untrained) routers decide, as at the gate stage's step 0.
+    result = {"experts_stage_cluster_routed": val_curve(experts)[-1][1], "gate_stage_step0": eval_loss(experts),
+              "gate_stage": val_curve(gate)}
+    full = out / "moe-base"
+    if (full / "metrics.jsonl").exists():
+        result["one_stage_same_model"] = val_curve(full)[-1][1]
+    print(f"\nTwo-stage training: MoE E=4 K=2, stage experts {base_steps} steps, stage gate {gate_steps} steps")
+    print(f"stage experts, routed by cluster:   val {result['experts_stage_cluster_routed']:.4f}")
+    print(f"stage gate, step    0 (router):     val {result['gate_stage_step0']:.4f}")
+    for step, loss in result["gate_stage"]:
+        print(f"stage gate, step {step:4d}:            val {loss:.4f}")
+    if "one_stage_same_model" in result:
+        print(f"one stage (moe-base, {base_steps} steps):     val {result['one_stage_same_model']:.4f}")
+    return result
+
+
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/surgery"), help="folder for every run (must be new)")
     parser.add_argument("--base-steps", type=int, default=300)
     parser.add_argument("--extra-steps", type=int, default=300)
-    parser.add_argument("--only", default="upcycle,grow,prune", help="comma-separated parts to run")
+    parser.add_argument("--gate-steps", type=int, default=100)
+    parser.add_argument("--only", default="upcycle,grow,prune,stages", help="comma-separated parts to run")
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; pass a new --out (runs are never overwritten)")
@@ -193,6 +218,8 @@ def main_cli() -> None:
         results["growing"] = growing(args.out, code, text, args.base_steps, args.extra_steps)
     if "prune" in parts:
         results["pruning"] = pruning(args.out, code, args.base_steps)
+    if "stages" in parts:
+        results["two_stage"] = two_stage(args.out, code, args.base_steps, args.gate_steps)
     results["seconds"] = time.perf_counter() - started
     (args.out / "surgery.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['seconds']:.0f} s in all; results in {args.out / 'surgery.json'}")
