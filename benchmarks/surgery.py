@@ -76,7 +76,8 @@ def last_interval(run: Path, old_experts: int) -> dict:
 
 def eval_loss(run: Path, data_of: Path | None = None) -> float:
     extra = ["--data-of", data_of] if data_of else []
-    return last_json(moekit("eval", run, "--batches", "16", *extra))["val_loss"]
+    # The same windows as the runs' own validation (8 batches of 16), so numbers compare with the curves.
+    return last_json(moekit("eval", run, "--batches", "8", "--batch-size", "16", *extra))["val_loss"]
 
 
 def make_corpora(out: Path) -> tuple[Path, Path]:
