@@ -23,8 +23,9 @@ from .surgery import grow, keep_experts, measure_load, merge_most_similar, prune
 
 
 @torch.no_grad()
-def capture_moe_inputs(model: LanguageModel, batches, max_rows: int = 4096) -> dict[int, Tensor]:
-    """The inputs (N, D) each MoE block's layer sees on ``batches`` of (x_BS, y_BS), by block index."""
+def capture_moe_inputs(model: LanguageModel, batches, max_rows: int | None = None) -> dict[int, Tensor]:
+    """The inputs (N, D) each MoE block's layer sees on ``batches`` of (x_BS, y_BS), by block index
+    (the first ``max_rows`` of them; None keeps all, so that ``grow`` is exact on every batch)."""
     captured: dict[int, list[Tensor]] = {i: [] for i in model.moe_layers}
     handles = [
         model.blocks[i].ffn.register_forward_pre_hook(

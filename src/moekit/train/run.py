@@ -130,13 +130,17 @@ def resume_run(run_dir: Path, *, steps: int | None = None, **trainer_kwargs) -> 
 
 
 
+# fork_run's default corpus: the source run's (None would mean the embedded corpus).
+SOURCE_CORPUS = object()
+
+
 def fork_run(
     source_dir: Path,
     run_dir: Path,
     model: LanguageModel,
     train_config: TrainConfig,
     *,
-    data: str | None | object = ...,
+    data: str | None | object = SOURCE_CORPUS,
 ) -> Path:
     """Start a new run folder from ``model`` (a copy or a surgery of ``source_dir``'s weights).
 
@@ -154,7 +158,7 @@ def fork_run(
     _, _, source_info = read_run_config(source_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-    data_config = DataConfig(data=source_info["data"] if data is ... else data, tokenizer=source_info["tokenizer"],
+    data_config = DataConfig(data=source_info["data"] if data is SOURCE_CORPUS else data, tokenizer=source_info["tokenizer"],
                              vocab_size=source_info["vocab_size"], val_fraction=source_info["val_fraction"])
     prepared = prepare_data(data_config, run_dir / TOKENIZER_FILE)
     info = dict(prepared.info, data=data_config.data, val_fraction=data_config.val_fraction)
