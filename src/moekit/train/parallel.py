@@ -71,15 +71,20 @@ class ParallelContext:
         """This rank's contiguous share of a batch's rows (rank r gets the r-th of world_size slices)."""
         return rows_B.tensor_split(self.world_size)[self.rank]
 
+    @property
+    def device(self) -> torch.device:
+        """Where collectives' tensors live: NCCL carries only CUDA tensors."""
+        return torch.device(self.mesh.device_type)
+
     def mean(self, values: list[float]) -> list[float]:
         """The mean over ranks of each value (one all-reduce)."""
-        total = torch.tensor(values, dtype=torch.float64)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return (total / self.world_size).tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on one (stop requests must agree, or the ranks desynchronise)."""
-        value = torch.tensor([int(flag)])
+        value = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
@@ -191,7 +196,8 @@ def global_routings(routings: list, parallel: ParallelContext, sharded: bool) ->
         elif dp_group is not None:
             # The expert-parallel layer already reports the loads of its whole EP group (ExpertParallel.globalize).
             dist.all_reduce(load_E, group=dp_group)
-        dropped = torch.zeros((), dtype=torch.long) if r.num_dropped is None else r.num_dropped.detach().clone()
+        dropped = torch.zeros((), dtype=torch.long, device=load_E.device) if r.num_dropped is None else \
+            r.num_dropped.detach().clone()
         dist.all_reduce(dropped)
         out.append(r.replace(probs_TE=torch.cat(probs), tokens_per_expert_E=load_E, num_dropped=dropped))
     return out
