@@ -323,10 +323,51 @@ def format_decode(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_lm_step(repeats: int = 5, vocab_size: int = 4096, batch_size: int = 16, context_length: int = 128,
+                d_model: int = 128, d_ff: int = 512, n_layer: int = 4, num_experts: int = 8,
+                top_k: int = 2) -> list[dict]:
+    """One training step (forward, backward, AdamW) of the language model, MoE against
+    dense with the same active parameters (experts of width d_ff / K), same tokens."""
+    from .models.lm import LanguageModel, LMConfig
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, vocab_size, (batch_size, context_length + 1))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, d_model=d_model,
+                  d_ff=d_ff)
+    moe = MoEConfig(d_model=d_model, d_ff=d_ff // top_k, num_experts=num_experts, top_k=top_k)
+    models = {"dense": LanguageModel(LMConfig(**common)), "MoE": LanguageModel(LMConfig(**common, moe=moe))}
+    steps = {}
+    for name, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            out = model(inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            (out.loss + out.aux_loss).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = median_times(steps, repeats)
+    t_dense = statistics.median(times["dense"])
+    return [{"model": name, "median_s": statistics.median(ts), "ratio_to_dense": statistics.median(ts) / t_dense,
+             "active_params": models[name].num_parameters(active=True),
+             "total_params": models[name].num_parameters()} for name, ts in times.items()]
+
+
+def format_lm_step(rows: list[dict]) -> str:
+    lines = ["LM training step (fwd + bwd + AdamW), MoE vs dense with equal active parameters",
+             f"  {'model':6s} {'median ms':>10s} {'× dense':>8s} {'active params':>14s} {'total params':>13s}"]
+    for r in rows:
+        lines.append(f"  {r['model']:6s} {r['median_s'] * 1e3:10.1f} {r['ratio_to_dense']:8.2f} "
+                     f"{r['active_params']:14d} {r['total_params']:13d}")
+    return "\n".join(lines)
+
+
 def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: bool = True,
               echo: Callable[[str], None] = print) -> dict:
     """Every default case (optionally those whose names contain one of the
-    comma-separated ``only`` strings), then the decode case; returns the JSON record."""
+    comma-separated ``only`` strings), then the decode and LM-step cases; returns the JSON record."""
     cases = default_cases(tuple(dtypes))
     if only:
         cases = [c for c in cases if any(s in c.name for s in only.split(","))]
@@ -339,4 +380,7 @@ def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: boo
     if decode:
         output["decode"] = run_decode(repeats=repeats)
         echo(format_decode(output["decode"]))
+    if not only or "lm" in only.split(","):
+        output["lm_step"] = run_lm_step(repeats=repeats)
+        echo(format_lm_step(output["lm_step"]))
     return output

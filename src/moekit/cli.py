@@ -153,17 +153,42 @@ def _new_run_folder(out: str | None) -> Path:
     return folder
 
 
-def cmd_train(args) -> int:
-    from .train import fork_run, new_run, prepare_data, resume_run
+def _setup_parallel(args):
+    """A ParallelContext when torchrun started several processes or --expert-parallel asks for them."""
+    from .train.parallel import setup_parallel
 
+    if args.expert_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    if args.dist_timeout <= 0:
+        raise CLIError(f"--dist-timeout ({args.dist_timeout}) must be a positive number of seconds")
+    return setup_parallel(args.expert_parallel, args.dist_timeout, args.device)
+
+
+def cmd_train(args) -> int:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    parallel = _setup_parallel(args)
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _train(args, parallel) -> int:
+    from .train import fork_run, new_run, prepare_data, resume_run
+
+    is_main = parallel is None or parallel.is_main
     if args.resume:
-        trainer = resume_run(args.resume, steps=args.steps_override)
-        print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel)
+        if is_main:
+            print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
     elif args.init_from:
+        if parallel is not None:
+            raise CLIError("--init-from runs in one process: start the new run with it, then continue it "
+                           "under torchrun with --resume")
         out = _new_run_folder(args.out)
         model, tokenizer, _, _ = _load_model(args.init_from)
         _, train_config = _configs_from_args(args, tokenizer.vocab_size, moe=False)
@@ -183,13 +208,17 @@ def cmd_train(args) -> int:
                            "or choose another --out (or --overwrite)")
         prepared = prepare_data(data_config)  # a new tokenizer; new_run saves it in the run folder
         model_config, train_config = _configs_from_args(args, prepared.tokenizer.vocab_size)
-        trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite)
-        m = trainer.model
-        print(f"run folder {out}: {m.num_parameters() / 1e6:.2f} M parameters, "
-              f"{m.num_parameters(active=True) / 1e6:.2f} M active per token; "
-              f"{prepared.tokens.train_N.numel():,} training tokens", file=sys.stderr)
+        trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite,
+                          parallel=parallel)
+        if is_main:
+            print(f"run folder {out}: {trainer.num_parameters / 1e6:.2f} M parameters, "
+                  f"{trainer.num_active_parameters / 1e6:.2f} M active per token; "
+                  f"{prepared.tokens.train_N.numel():,} training tokens", file=sys.stderr)
+    if is_main and parallel is not None:
+        print(f"{parallel.world_size} processes: experts sharded over {parallel.ep_size} (expert parallel), "
+              f"{parallel.world_size // parallel.ep_size} data-parallel replica(s) of each expert", file=sys.stderr)
     finished = trainer.fit()
-    if finished:
+    if finished and is_main:
         print(f"done: final validation loss {trainer.last_val_loss:.4f}; report with: moekit report {trainer.run_dir}",
               file=sys.stderr)
     return 0 if finished else 130
@@ -535,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--experts 0). Ctrl-C saves a checkpoint; --resume continues the same loss curve.")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint "
-                   "(its saved settings apply; other options are ignored)")
+                   "(its saved settings apply; other options are ignored, except --threads and the parallelism ones)")
     p.add_argument("--resume-steps", dest="steps_override", type=_positive_int, default=None, metavar="N",
                    help="with --resume: train on to N steps in all (the cosine schedule is stretched to N)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -549,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, TRAIN_DEFAULTS)
     _add_data_args(p, 4096)
     _add_train_args(p, TRAIN_DEFAULTS)
+    g = p.add_argument_group("parallelism (start the processes with torchrun; these apply with --resume too)")
+    g.add_argument("--expert-parallel", type=_positive_int, default=1, metavar="EP",
+                   help="shard each MoE layer's experts over EP processes; the processes torchrun starts must be "
+                   "a multiple of EP, and the rest is data parallel (default: %(default)s)")
+    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="process-group timeout: a rank that dies or hangs makes the others fail after this "
+                   "long (default: %(default)s)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss of a run's latest checkpoint",

@@ -66,6 +66,21 @@ class Routing:
     def replace(self, **changes) -> Routing:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def with_standard_losses(
+        cls, *, indices_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor,
+        valid_T: Tensor | None, **fields,
+    ) -> Routing:
+        """A token-choice record reporting the standard losses (see ``losses.standard_losses``)."""
+        from .losses import standard_losses
+
+        token_weight_T = None if valid_T is None else valid_T.float()
+        return cls(
+            indices_TK=indices_TK, weights_TK=weights_TK, logits_TE=logits_TE, probs_TE=probs_TE,
+            losses=standard_losses(logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T),
+            valid_T=valid_T, **fields,
+        )
+
     def load_fractions(self) -> Tensor:
         """Share of processed assignments per expert (E,), summing to one."""
         counts = self.tokens_per_expert_E.float()

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from .base import Router, Routing
-from .losses import standard_losses
 
 
 class SoftmaxRouter(Router):
@@ -19,12 +18,10 @@ class SoftmaxRouter(Router):
         T, E = probs_TE.shape
         indices_TK = torch.arange(E, device=logits_TE.device).expand(T, E)
         weights_TK = probs_TE
-        token_weight_T = None if valid_T is None else valid_T.float()
-        return Routing(
+        return Routing.with_standard_losses(
             indices_TK=indices_TK,
             weights_TK=weights_TK,
             logits_TE=logits_TE,
             probs_TE=probs_TE,
-            losses=standard_losses(logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T),
             valid_T=valid_T,
         )

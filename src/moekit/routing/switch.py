@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .base import Router, Routing
-from .losses import standard_losses
 
 
 class SwitchRouter(Router):
@@ -24,12 +23,10 @@ class SwitchRouter(Router):
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, **kwargs) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, indices_TK = probs_TE.max(dim=-1, keepdim=True)
-        token_weight_T = None if valid_T is None else valid_T.float()
-        return Routing(
+        return Routing.with_standard_losses(
             indices_TK=indices_TK,
             weights_TK=weights_TK,
             logits_TE=logits_TE,
             probs_TE=probs_TE,
-            losses=standard_losses(logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T),
             valid_T=valid_T,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Router, Routing
-from .losses import standard_losses
 
 
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -25,13 +24,11 @@ class TopKRouter(Router):
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, **kwargs) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, indices_TK = topk_weights(probs_TE, self.top_k, self.config.normalize_weights)
-        token_weight_T = None if valid_T is None else valid_T.float()
-        return Routing(
+        return Routing.with_standard_losses(
             indices_TK=indices_TK,
             weights_TK=weights_TK,
             logits_TE=logits_TE,
             probs_TE=probs_TE,
-            losses=standard_losses(logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T),
             valid_T=valid_T,
             active_TK=self.active_assignments(weights_TK),
         )

@@ -88,13 +88,23 @@ def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int = 2
 ) -> Path:
     """Write checkpoints/step-XXXXXX atomically, point latest.json at it, prune older ones."""
+    tensors, param_groups = optimizer_tensors(optimizer)
+    return write_checkpoint(run_dir, step, lambda tmp: save_model(model, str(tmp)), tensors, param_groups,
+                            trainer_state, keep=keep)
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, write_model: Callable[[Path], None], optimizer_state: dict[str, torch.Tensor],
+    optimizer_param_groups: list[dict], trainer_state: dict, keep: int = 2,
+) -> Path:
+    """The writing half of ``save_checkpoint``, for callers that gathered the state themselves
+    (multi-process training gathers the experts of every rank first)."""
     root = Path(run_dir) / "checkpoints"
     folder = root / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
-    tensors, param_groups = optimizer_tensors(optimizer)
-    atomic_write(folder / "optimizer.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    state = dict(trainer_state, step=step, optimizer_param_groups=param_groups, rng=rng_state_to_json())
+    atomic_write(folder / "model.safetensors", write_model)
+    atomic_write(folder / "optimizer.safetensors", lambda tmp: save_file(optimizer_state, str(tmp)))
+    state = dict(trainer_state, step=step, optimizer_param_groups=optimizer_param_groups, rng=rng_state_to_json())
     atomic_write_text(folder / "trainer_state.json", json.dumps(state, indent=1))
     atomic_write_text(root / "latest.json", json.dumps({"step": step, "folder": folder.name}))
     older = sorted(p for p in root.glob("step-*") if p.is_dir() and p != folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import Corpus, TokenData, build_tokenizer, load_corpus, load_tokenizer, tokenize_corpus
 from ..models.lm import LanguageModel, LMConfig
+from .parallel import ParallelContext
 from .trainer import TrainConfig, Trainer, read_run_config, write_run_config
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -78,15 +79,25 @@ def new_run(
     *,
     prepared: PreparedData | None = None,
     overwrite: bool = False,
+    parallel: ParallelContext | None = None,
     **trainer_kwargs,
 ) -> Trainer:
-    """Create a run folder and a Trainer for it. ``prepared`` shares data between runs (the demo)."""
+    """Create a run folder and a Trainer for it. ``prepared`` shares data between runs (the demo).
+
+    With ``parallel``, every rank calls this and only rank 0 writes the folder (every rank
+    prepares its own tokens; the Trainer checks that they agree)."""
     run_dir = Path(run_dir)
     if (run_dir / "config.json").exists() and not overwrite:
         raise FileExistsError(
             f"{str(run_dir)!r} already holds a run; resume it with --resume, or pick a new --out "
             "(or pass --overwrite to replace it)"
         )
+    if parallel is not None:
+        parallel.barrier()  # every rank has looked for an existing run before rank 0 writes one
+        if not parallel.is_main:
+            if prepared is None:
+                prepared = prepare_data(data_config)
+            return Trainer(run_dir, model_config, train_config, prepared.tokens, parallel=parallel, **trainer_kwargs)
     if overwrite and (run_dir / "config.json").exists():
         for name in ("checkpoints", "tensorboard", "report"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -103,19 +114,24 @@ def new_run(
         )
     info = dict(prepared.info, data=data_config.data, val_fraction=data_config.val_fraction)
     write_run_config(run_dir, model_config, train_config, info)
-    return Trainer(run_dir, model_config, train_config, prepared.tokens, **trainer_kwargs)
+    return Trainer(run_dir, model_config, train_config, prepared.tokens, parallel=parallel, **trainer_kwargs)
 
 
-def resume_run(run_dir: Path, *, steps: int | None = None, **trainer_kwargs) -> Trainer:
-    """A Trainer continuing the run in run_dir from its latest checkpoint (optionally to more steps)."""
+def resume_run(
+    run_dir: Path, *, steps: int | None = None, parallel: ParallelContext | None = None, **trainer_kwargs
+) -> Trainer:
+    """A Trainer continuing the run in run_dir from its latest checkpoint (optionally to more steps).
+    The run may have been saved at any expert-parallel size; with ``parallel`` only rank 0 writes."""
     run_dir = Path(run_dir)
+    is_main = parallel is None or parallel.is_main
     model_config, train_config, data_info = read_run_config(run_dir)
     if steps is not None:
         if steps < train_config.steps:
             raise ValueError(f"--steps ({steps}) cannot shorten the run below its {train_config.steps} steps")
         train_config.steps = steps
         data_config_info = dict(data_info)
-        write_run_config(run_dir, model_config, train_config, data_config_info)
+        if is_main:
+            write_run_config(run_dir, model_config, train_config, data_config_info)
     data_config = DataConfig(data=data_info["data"], tokenizer=data_info["tokenizer"],
                              vocab_size=data_info["vocab_size"], val_fraction=data_info["val_fraction"])
     prepared = prepare_data(data_config, run_dir / TOKENIZER_FILE)
@@ -126,7 +142,8 @@ def resume_run(run_dir: Path, *, steps: int | None = None, **trainer_kwargs) -> 
             f"{data_info['python_version']}); training continues on the new text",
             stacklevel=2,
         )
-    return Trainer(run_dir, model_config, train_config, prepared.tokens, resume=True, **trainer_kwargs)
+    return Trainer(run_dir, model_config, train_config, prepared.tokens, resume=True, parallel=parallel,
+                   **trainer_kwargs)
 
 
 

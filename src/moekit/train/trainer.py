@@ -34,6 +34,18 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .metrics import IntervalStats, MetricsLog
+from .parallel import (
+    ParallelContext,
+    clip_grad_norm,
+    global_routings,
+    is_sharded,
+    load_parallel_checkpoint,
+    parallelize,
+    rank_rng_state,
+    rank_seed,
+    reduce_gradients,
+    save_parallel_checkpoint,
+)
 from .stages import ClusterRouting, configure_trainable
 
 TRAINING_STAGES = ("full", "experts", "gate")
@@ -149,17 +161,26 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, batches, device: str, bf16: bool = False) -> float:
-    """Mean next-token cross-entropy over the batches (weighted by tokens)."""
+def evaluate(model: LanguageModel, batches, device: str, bf16: bool = False, parallel=None) -> float:
+    """Mean next-token cross-entropy over the batches (weighted by tokens).
+
+    With ``parallel`` (a ``ParallelContext``), every rank evaluates its share of each
+    batch (every rank runs every forward: the MoE layers exchange tokens) and the
+    sums are all-reduced, so every rank returns the single-process value."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x_BS, y_BS in batches:
+        if parallel is not None:
+            x_BS, y_BS = parallel.share(x_BS), parallel.share(y_BS)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(x_BS.to(device), y_BS.to(device)).loss
-        total += float(loss) * y_BS.numel()
-        count += y_BS.numel()
+        if y_BS.numel():  # a rank may get no rows of a short last batch; its mean loss is NaN
+            total += float(loss) * y_BS.numel()
+            count += y_BS.numel()
     model.train(was_training)
+    if parallel is not None:
+        total, count = (value * parallel.world_size for value in parallel.mean([total, count]))
     return total / count
 
 
@@ -177,19 +198,41 @@ class Trainer:
         tensorboard: bool = True,
         progress: bool = True,
         description: str | None = None,
+        parallel: ParallelContext | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.model_config, self.config = model_config, train_config
         self.data = data
         data.check_fits(model_config.context_length)
-        self.progress, self.description = progress, description or self.run_dir.name
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self.progress, self.description = progress and self.is_main, description or self.run_dir.name
         torch.manual_seed(train_config.seed)
         self.model = LanguageModel(model_config).to(train_config.device)
+        if parallel is not None and (train_config.stage != "full" or train_config.freeze_old_experts):
+            # The row masks and forced routing index all E experts; a rank holds a shard of them.
+            raise ValueError(f"stage ({train_config.stage!r}) and freeze_old_experts "
+                             f"({train_config.freeze_old_experts}) are not supported with several processes yet")
         configure_trainable(self.model, train_config)
         if train_config.stage == "experts":
             self.cluster_routing = ClusterRouting.fit(data.train_N, model_config, train_config.seed)
             self.cluster_routing.attach(self.model)
-        self.optimizer = build_optimizer(self.model, train_config)
+        self.num_parameters = self.model.num_parameters()  # before the experts are sharded
+        self.num_active_parameters = self.model.num_parameters(active=True)
+        # What a training step calls: the model itself, or its DDP wrapper around sharded experts.
+        self.train_model: torch.nn.Module = self.model
+        if parallel is not None:
+            if train_config.batch_size % parallel.world_size:
+                raise ValueError(f"batch_size ({train_config.batch_size}) must be divisible by the number of "
+                                 f"processes ({parallel.world_size}): each trains on an equal share of every batch")
+            parallel.check_same("the training data (tokens, checksum)",
+                                (data.train_N.numel(), int(data.train_N.sum()), int(data.val_N.sum())))
+            self.train_model = parallelize(self.model, parallel)
+            if parallel.rank > 0:
+                # Router noise: rank 0 draws the single-process stream, the others streams of their own.
+                torch.manual_seed(rank_seed(train_config.seed, 0, parallel.rank))
+        self.sharded = parallel is not None and is_sharded(self.model)
+        self.optimizer = build_optimizer(self.model, train_config)  # after sharding: it holds this rank's experts
         self.step = 0
         self.elapsed = 0.0  # training seconds, summed over resumed sessions
         self.interval = IntervalStats()
@@ -199,16 +242,23 @@ class Trainer:
             folder = latest_checkpoint(self.run_dir)
             if folder is None:
                 raise FileNotFoundError(f"{str(self.run_dir)!r} has no checkpoint to resume from")
-            state = load_checkpoint(folder, self.model, self.optimizer)
+            if parallel is None:
+                state = load_checkpoint(folder, self.model, self.optimizer)
+                self._rng_state = state["rng"]
+            else:
+                state = load_parallel_checkpoint(folder, self.model, self.optimizer)
+                self._rng_state = rank_rng_state(state, parallel.rank, parallel.world_size)
+                if self._rng_state is None:
+                    self._rng_seed = rank_seed(train_config.seed, state["step"], parallel.rank)
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.interval = IntervalStats(**state["interval"])
             self.last_val_loss = state.get("last_val_loss")
-            self._rng_state = state["rng"]
             resume_step = self.step
         self.val_batches = validation_batches(
             data.val_N, train_config.batch_size, model_config.context_length, train_config.eval_batches
         )
-        self.metrics = MetricsLog(self.run_dir, resume_step, tensorboard=tensorboard)
+        # Only rank 0 writes the run folder (metrics, TensorBoard, checkpoints).
+        self.metrics = MetricsLog(self.run_dir, resume_step, tensorboard=tensorboard) if self.is_main else None
         self._stop_requested = False
         self._shown: dict[str, str] = {}  # progress-bar fields
 
@@ -224,31 +274,45 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.parallel is not None:  # collective: every rank calls it, rank 0 writes
+            return save_parallel_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                            self._trainer_state(), self.parallel)
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state())
 
     def train_step(self) -> tuple[float, float, list, float]:
         """One optimizer step; returns (loss, aux_loss, routings, gradient norm before clipping)."""
         cfg, device = self.config, self.config.device
         x_BS, y_BS = training_batch(self.data.train_N, cfg.batch_size, self.model_config.context_length, cfg.seed, self.step)
+        parallel = self.parallel
+        if parallel is not None:
+            # Each rank trains on its share of the global batch; its loss is the mean over that share, so
+            # the mean over ranks (DDP's gradient convention) is the single-process loss of the global batch.
+            x_BS, y_BS = parallel.share(x_BS), parallel.share(y_BS)
         x_BS, y_BS = x_BS.to(device), y_BS.to(device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = self.model(x_BS, y_BS)
+            out = self.train_model(x_BS, y_BS)
         (out.loss + out.aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
+        if parallel is not None:
+            reduce_gradients(self.model, parallel)
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), parallel)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return out.loss.item(), out.aux_loss.item(), out.routings, grad_norm.item()
+        if parallel is None:
+            return out.loss.item(), out.aux_loss.item(), out.routings, grad_norm.item()
+        loss, aux_loss = parallel.mean([out.loss.item(), out.aux_loss.item()])
+        return loss, aux_loss, global_routings(out.routings, parallel, self.sharded), grad_norm.item()
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> bool:
         """Train to config.steps; return False when stopped early (Ctrl-C or request_stop)."""
         cfg = self.config
-        if hasattr(self, "_rng_state"):
+        if getattr(self, "_rng_state", None) is not None:
             restore_rng_state(self._rng_state)
-            del self._rng_state
+        elif hasattr(self, "_rng_seed"):  # a rank the checkpoint holds no RNG state for
+            torch.manual_seed(self._rng_seed)
+        self.__dict__.pop("_rng_state", None)
+        self.__dict__.pop("_rng_seed", None)
         self.model.train()
         previous_handler = None
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -266,7 +330,7 @@ class Trainer:
             disable=not self.progress, dynamic_ncols=True, leave=True,
         )
         try:
-            while self.step < cfg.steps and not self._stop_requested:
+            while self.step < cfg.steps and not self._should_stop():
                 started = time.perf_counter()
                 loss, aux_loss, routings, grad_norm = self.train_step()
                 step_time = time.perf_counter() - started
@@ -281,10 +345,10 @@ class Trainer:
                     record.update(self.interval.summary())
                     self.interval = IntervalStats()
                 if self.step % cfg.eval_every == 0 or last:
-                    self.last_val_loss = evaluate(self.model, self.val_batches, cfg.device, cfg.bf16)
+                    self.last_val_loss = evaluate(self.model, self.val_batches, cfg.device, cfg.bf16, self.parallel)
                     record = record or {"step": self.step, "tokens": self.step * tokens_per_step, "elapsed": self.elapsed}
                     record["val_loss"] = self.last_val_loss
-                if record is not None:
+                if record is not None and self.metrics is not None:
                     self.metrics.write(record)
                     bar.set_postfix(self._postfix(record), refresh=False)
                 bar.update(1)
@@ -294,17 +358,26 @@ class Trainer:
                     on_step(self)
             if self._stop_requested and self.step < cfg.steps:
                 self.save()
-                bar.write(
-                    f"stopped at step {self.step}/{cfg.steps}; checkpoint saved. "
-                    f"Continue with: moekit train --resume {self.run_dir}"
-                )
+                if self.is_main:
+                    bar.write(
+                        f"stopped at step {self.step}/{cfg.steps}; checkpoint saved. "
+                        f"Continue with: moekit train --resume {self.run_dir}"
+                    )
                 return False
             return True
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
+
+    def _should_stop(self) -> bool:
+        if self.parallel is not None:
+            # Every rank must stop after the same step (Ctrl-C may reach one rank only), or the
+            # ranks desynchronise: one all-reduce of a flag per step.
+            self._stop_requested = self.parallel.any(self._stop_requested)
+        return self._stop_requested
 
     def _postfix(self, record: dict) -> dict:
         # Keep the last training numbers on screen when a line carries only a validation loss.
