@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moekit demo
+	$(VENV)/bin/moekit demo --threads 1
 
 test: $(STAMP)
 	$(PY) -m pytest
