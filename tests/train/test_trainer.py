@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -54,10 +53,22 @@ def test_resume_after_an_interruption_continues_with_bitwise_equal_losses(tmp_pa
         assert torch.equal(a, b), name
 
 
-def test_ctrl_c_saves_a_checkpoint_and_returns_cleanly(tmp_path, prepared, tiny_data_config):
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test's duration: the trainer installs its own
+    handler only over that one, and other code in the same process (process launchers,
+    for one) may have replaced it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns_cleanly(tmp_path, prepared, tiny_data_config, default_sigint):
     trainer = new_run(tmp_path / "run", tiny_model_config(prepared.tokenizer.vocab_size), tiny_train_config(),
                       tiny_data_config, prepared=prepared, progress=False, tensorboard=False)
-    finished = trainer.fit(on_step=lambda t: os.kill(os.getpid(), signal.SIGINT) if t.step == 3 else None)
+    # raise_signal delivers to this (the main) thread at once; os.kill may land on a worker thread
+    # and reach the handler only after the next step has run.
+    finished = trainer.fit(on_step=lambda t: signal.raise_signal(signal.SIGINT) if t.step == 3 else None)
     assert not finished and trainer.step == 3
     state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
     assert state["step"] == 3
