@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import moekit.dispatch.expert_parallel as ep_module
 from moekit import MoE, MoEConfig
 from moekit.distributed import expert_parallel
+from two_ranks import clock_all_to_alls, report, reset, run_two_ranks
 
 
 def _layer(args) -> MoE:
@@ -56,27 +54,11 @@ def _rank_main(rank, world, port, args, results):
     moe = expert_parallel(copy.deepcopy(_layer(args)))
     x_TD = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
 
-    clock = {"seconds": 0.0, "forward_bytes": 0, "backward_bytes": 0, "calls": 0}
-    plain_all_to_all = ep_module._all_to_all
-
-    def timed_all_to_all(out, inp, recv_splits, send_splits, group, what):
-        start = time.perf_counter()
-        result = plain_all_to_all(out, inp, recv_splits, send_splits, group, what)
-        clock["seconds"] += time.perf_counter() - start
-        clock["calls"] += 1
-        if send_splits is not None:  # a row all-to-all (the count exchange has equal splits)
-            row_bytes = inp.shape[1] * inp.element_size()
-            key = "backward_bytes" if what.startswith("backward") else "forward_bytes"
-            clock[key] += sum(n for p, n in enumerate(send_splits) if p != rank) * row_bytes
-        return result
-
-    ep_module._all_to_all = timed_all_to_all
+    clock = clock_all_to_alls(rank)
     _timed_steps(moe, x_TD, 0, args.warmup)
-    clock.update(seconds=0.0, forward_bytes=0, backward_bytes=0, calls=0)
+    reset(clock)
     times = _timed_steps(moe, x_TD, args.steps, 0)
-    results.put((rank, sorted(times)[len(times) // 2], clock["seconds"] / args.steps,
-                 clock["forward_bytes"] / args.steps, clock["backward_bytes"] / args.steps,
-                 clock["calls"] / args.steps))
+    results.put(report(rank, times, clock, args.steps))
     dist.destroy_process_group()
 
 
@@ -95,22 +77,9 @@ def main() -> None:
     x_TD = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(1))
     single = sorted(_timed_steps(_layer(args), x_TD, args.steps, args.warmup))[args.steps // 2]
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, args, results)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    reports = sorted(results.get(timeout=600) for _ in procs)
-    for proc in procs:
-        proc.join()
-
-    step_s = max(r[1] for r in reports)
-    a2a_s = max(r[2] for r in reports)
-    forward_bytes = sum(r[3] for r in reports)
-    backward_bytes = sum(r[4] for r in reports)
+    ranks = run_two_ranks(_rank_main, args, timeout_s=600)
+    step_s, a2a_s = ranks["step_s"], ranks["all_to_all_s"]
+    forward_bytes, backward_bytes = ranks["forward_bytes"], ranks["backward_bytes"]
     elem = torch.empty((), dtype=torch.float32).element_size()
     minimum_fwd = args.tokens * args.top_k * args.d_model * elem * 2 * (2 - 1) / 2
     summary = {
@@ -119,7 +88,7 @@ def main() -> None:
         "ep2_step_ms": round(step_s * 1e3, 2),
         "ep2_all_to_all_ms": round(a2a_s * 1e3, 2),
         "ep2_all_to_all_share": round(a2a_s / step_s, 3),
-        "ep2_all_to_all_calls_per_step_per_rank": reports[0][5],
+        "ep2_all_to_all_calls_per_step_per_rank": ranks["calls"],
         "bytes_moved_fwd_per_step": int(forward_bytes),
         "bytes_moved_bwd_per_step": int(backward_bytes),
         "minimum_fwd_bytes": int(minimum_fwd),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -33,13 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import moekit.dispatch.expert_parallel as ep_module
 from moekit import MoEConfig
 from moekit.data.dataset import TokenData
 from moekit.models.lm import LMConfig
 from moekit.train import TrainConfig, Trainer
+from two_ranks import clock_all_to_alls, report, reset, run_two_ranks
 
 
 def _configs(args) -> tuple[LMConfig, TrainConfig]:
@@ -81,26 +79,9 @@ def _rank_main(rank, world, port, args, results):
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(Path(run_dir), model_config, train_config, _tokens(args), tensorboard=False,
                           progress=False, parallel=parallel)
-        clock = {"seconds": 0.0, "forward_bytes": 0, "backward_bytes": 0, "calls": 0}
-        plain_all_to_all = ep_module._all_to_all
-
-        def timed_all_to_all(out, inp, recv_splits, send_splits, group, what):
-            start = time.perf_counter()
-            result = plain_all_to_all(out, inp, recv_splits, send_splits, group, what)
-            clock["seconds"] += time.perf_counter() - start
-            clock["calls"] += 1
-            if send_splits is not None:  # a row all-to-all (the count exchange has equal splits)
-                row_bytes = inp.shape[1] * inp.element_size()
-                key = "backward_bytes" if what.startswith("backward") else "forward_bytes"
-                clock[key] += sum(n for p, n in enumerate(send_splits) if p != rank) * row_bytes
-            return result
-
-        ep_module._all_to_all = timed_all_to_all
-        reset = lambda: clock.update(seconds=0.0, forward_bytes=0, backward_bytes=0, calls=0)  # noqa: E731
-        times = _timed_steps(trainer, args.steps, args.warmup, on_warm=reset)
-    results.put((rank, sorted(times)[len(times) // 2], clock["seconds"] / args.steps,
-                 clock["forward_bytes"] / args.steps, clock["backward_bytes"] / args.steps,
-                 clock["calls"] / args.steps))
+        clock = clock_all_to_alls(rank)
+        times = _timed_steps(trainer, args.steps, args.warmup, on_warm=lambda: reset(clock))
+    results.put(report(rank, times, clock, args.steps))
     dist.destroy_process_group()
 
 
@@ -126,22 +107,9 @@ def main() -> None:
         ep1_times = sorted(_timed_steps(single, args.steps, args.warmup))
     ep1_step = ep1_times[len(ep1_times) // 2]
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, args, results)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    reports = sorted(results.get(timeout=900) for _ in procs)
-    for proc in procs:
-        proc.join()
-
-    step_s = max(r[1] for r in reports)
-    a2a_s = max(r[2] for r in reports)
-    forward_bytes = sum(r[3] for r in reports)
-    backward_bytes = sum(r[4] for r in reports)
+    ranks = run_two_ranks(_rank_main, args, timeout_s=900)
+    step_s, a2a_s = ranks["step_s"], ranks["all_to_all_s"]
+    forward_bytes, backward_bytes = ranks["forward_bytes"], ranks["backward_bytes"]
     tokens = args.batch_size * args.context_length
     moe_layers = sum(model_config.is_moe_layer(layer) for layer in range(model_config.n_layer))
     elem = torch.empty((), dtype=torch.float32).element_size()
@@ -154,7 +122,7 @@ def main() -> None:
         "ep2_step_ms": round(step_s * 1e3, 1),
         "ep2_all_to_all_ms": round(a2a_s * 1e3, 1),
         "ep2_all_to_all_share": round(a2a_s / step_s, 3),
-        "ep2_all_to_all_calls_per_step_per_rank": reports[0][5],
+        "ep2_all_to_all_calls_per_step_per_rank": ranks["calls"],
         "bytes_moved_fwd_per_step": int(forward_bytes),
         "bytes_moved_bwd_per_step": int(backward_bytes),
         "minimum_fwd_bytes": int(minimum_fwd),
