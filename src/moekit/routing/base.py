@@ -22,8 +22,28 @@ from ..config import MoEConfig
 from .gshard import random_second_expert
 
 
+class _RoutingRecord:
+    """What every routing record answers, whatever its fields."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[1]
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def load_fractions(self) -> Tensor:
+        """Share of processed assignments (or tokens, or slots) per expert (E,), summing to one."""
+        counts = self.tokens_per_expert_E.float()
+        return counts / counts.sum().clamp_min(1.0)
+
+
 @dataclass(frozen=True)
-class Routing:
+class Routing(_RoutingRecord):
     """What a router decided for a batch of T tokens, and what dispatch made of it.
 
     Attributes:
@@ -55,17 +75,6 @@ class Routing:
     active_TK: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.indices_TK.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.probs_TE.shape[1]
-
-    def replace(self, **changes) -> Routing:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def with_standard_losses(
         cls, *, indices_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor,
@@ -81,14 +90,10 @@ class Routing:
             valid_T=valid_T, **fields,
         )
 
-    def load_fractions(self) -> Tensor:
-        """Share of processed assignments per expert (E,), summing to one."""
-        counts = self.tokens_per_expert_E.float()
-        return counts / counts.sum().clamp_min(1.0)
 
 
 @dataclass(frozen=True)
-class ExpertChoiceRouting:
+class ExpertChoiceRouting(_RoutingRecord):
     """Expert choice: each expert took the C tokens it scored highest.
 
     A token may be taken by zero, one or many experts.
@@ -114,14 +119,6 @@ class ExpertChoiceRouting:
     stats: dict[str, Tensor] = field(default_factory=dict)
 
     @property
-    def num_tokens(self) -> int:
-        return self.probs_TE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.probs_TE.shape[1]
-
-    @property
     def capacity(self) -> int:
         return self.tokens_EC.shape[1]
 
@@ -134,16 +131,10 @@ class ExpertChoiceRouting:
             counts_T = counts_T * self.valid_T
         return counts_T
 
-    def replace(self, **changes) -> ExpertChoiceRouting:
-        return dataclasses.replace(self, **changes)
-
-    def load_fractions(self) -> Tensor:
-        counts = self.tokens_per_expert_E.float()
-        return counts / counts.sum().clamp_min(1.0)
 
 
 @dataclass(frozen=True)
-class SoftRouting:
+class SoftRouting(_RoutingRecord):
     """Soft MoE: every expert processes P slots per sequence, each slot a convex
     combination of the sequence's tokens; each token's output is a convex
     combination of the slots' outputs.
@@ -172,20 +163,6 @@ class SoftRouting:
     tokens_per_expert_E: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.probs_TE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.probs_TE.shape[1]
-
-    def replace(self, **changes) -> SoftRouting:
-        return dataclasses.replace(self, **changes)
-
-    def load_fractions(self) -> Tensor:
-        counts = self.tokens_per_expert_E.float()
-        return counts / counts.sum().clamp_min(1.0)
 
 
 AnyRouting = Routing | ExpertChoiceRouting | SoftRouting
