@@ -553,8 +553,8 @@ def _add_surgery_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
-        description="Mixture-of-Experts toolkit: train MoE and dense language models, sample from them and "
-        "report what their experts learned.",
+        description="Mixture-of-Experts toolkit: train MoE and dense language models, sample from them, "
+        "report what their experts learned, reshape trained MoEs (upcycle, grow, prune) and time MoE layers.",
         epilog="Start with `moekit demo`; see docs/lm.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
