@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..interop.surgery import freeze_experts, freeze_router_rows
+from ..freezing import freeze_experts, freeze_router_rows
 from ..routing import Routing
 
 # Windows sampled to fit the clusters, and Lloyd iterations: enough for stable
