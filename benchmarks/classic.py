@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from moekit.classic import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
+from moekit.classic.datasets import make_piecewise_linear
 
 N_FOLDS = 5
 
@@ -44,14 +45,7 @@ N_FOLDS = 5
 # ---- data ----------------------------------------------------------------------------------
 def piecewise_linear(n_samples=1000, seed=0, noise=0.3):
     """Three regimes, each a sector of the plane with its own linear function."""
-    rng = np.random.RandomState(seed)
-    X = rng.uniform(-3, 3, size=(n_samples, 2))
-    directions = np.array([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]])
-    regime = np.argmax(X @ directions.T, axis=1)
-    slopes = np.array([[2.0, -1.0], [-1.5, 2.5], [0.5, 1.5]])
-    intercepts = np.array([3.0, -2.0, 0.0])
-    y = (X * slopes[regime]).sum(axis=1) + intercepts[regime] + noise * rng.randn(n_samples)
-    return X, y, regime
+    return make_piecewise_linear(n_samples, noise=noise, random_state=seed)
 
 
 def mmoe_tasks(n_samples=1000, n_features=10, correlation=0.5, n_sines=10, seed=0):

@@ -1,18 +1,10 @@
-import numpy as np
 import pytest
+
+from moekit.classic.datasets import make_piecewise_linear
 
 
 def _piecewise_linear(n_samples, seed, noise=0.2):
-    """Three regimes, each a sector of the plane with its own linear function;
-    returns X (N, 2), y (N,) and the true regime (N,)."""
-    rng = np.random.RandomState(seed)
-    X = rng.uniform(-3, 3, size=(n_samples, 2))
-    directions = np.array([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]])
-    regime = np.argmax(X @ directions.T, axis=1)
-    slopes = np.array([[2.0, -1.0], [-1.5, 2.5], [0.5, 1.5]])
-    intercepts = np.array([3.0, -2.0, 0.0])
-    y = (X * slopes[regime]).sum(axis=1) + intercepts[regime] + noise * rng.randn(n_samples)
-    return X, y, regime
+    return make_piecewise_linear(n_samples, noise=noise, random_state=seed)
 
 
 @pytest.fixture(scope="session")
