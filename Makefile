@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all test-gpu bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-all: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -m "not gpu"
+
+# On a machine with a CUDA device: every compute path on the GPU against the loop reference.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu
 
 bench: $(STAMP)
 	$(PY) benchmarks/perf.py

@@ -43,6 +43,7 @@ class Case:
     mode: str = "fwdbwd"
     routing: str = "uniform"
     dtype: str = "float32"
+    device: str = "cpu"
     paths: tuple[str, ...] = ("grouped_mm", "segment")
     peers: tuple[str, ...] = ("mixtral:eager", "mixtral:grouped_mm", "mixtral:batched_mm")
 
@@ -54,30 +55,59 @@ class Case:
 
 STANDARD = dict(tokens=4096, d_model=512, d_ff=1024, num_experts=8, top_k=2)
 FINE_GRAINED = dict(tokens=4096, d_model=512, d_ff=128, num_experts=64, top_k=8)
+# The standard shape scaled to GPU size: there the GEMMs, not the launches, must dominate.
+SCALED = dict(tokens=16384, d_model=2048, d_ff=4096, num_experts=8, top_k=2)
 
 
-def default_cases(dtypes=("float32",)) -> list[Case]:
+def default_paths(device: str) -> tuple[str, ...]:
+    """moekit paths worth timing on a device: those that can run there, fastest candidates."""
+    from .layer import COMPUTE_PATHS
+
+    if device == "cpu":
+        return ("grouped_mm", "segment")
+    return tuple(p for p in ("grouped_mm", "triton") if p in COMPUTE_PATHS)
+
+
+def default_cases(dtypes=("float32",), device: str = "cpu") -> list[Case]:
     cases = []
+    paths = default_paths(device)
     for dtype in dtypes:
+        common = dict(dtype=dtype, device=device, paths=paths)
         for routing in ("uniform", "skewed"):
-            cases.append(Case(name=f"standard {routing}", routing=routing, dtype=dtype, **STANDARD))
-        cases.append(Case(name="standard uniform fwd", mode="fwd", dtype=dtype, **STANDARD))
-        cases.append(Case(name="fine-grained uniform", dtype=dtype, peers=("qwen3:grouped_mm", "qwen3:eager"),
+            cases.append(Case(name=f"standard {routing}", routing=routing, **common, **STANDARD))
+        cases.append(Case(name="standard uniform fwd", mode="fwd", **common, **STANDARD))
+        cases.append(Case(name="fine-grained uniform", peers=("qwen3:grouped_mm", "qwen3:eager"), **common,
                           **FINE_GRAINED))
+        if device != "cpu":
+            for routing in ("uniform", "skewed"):
+                cases.append(Case(name=f"scaled {routing}", routing=routing, **common, **SCALED))
+            cases.append(Case(name="fine-grained skewed", routing="skewed", peers=("qwen3:grouped_mm",),
+                              **common, **FINE_GRAINED))
     return cases
 
 
-def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Every function ``warmup`` times, then ``repeats`` interleaved rounds."""
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued device work, so host clocks time it (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2, device: str = "cpu",
+                 calls: int = 1) -> dict[str, list[float]]:
+    """Every function ``warmup`` times, then ``repeats`` interleaved rounds; each
+    round times ``calls`` back-to-back calls (device work included) and records the mean."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / calls)
     return times
 
 
@@ -88,8 +118,18 @@ def machine_info() -> dict[str, str]:
         model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), model)
     except OSError:
         pass
-    return {"cpu": model, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+    info = {"cpu": model, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
 
 
 class DenseSwiGLU(nn.Module):
@@ -192,21 +232,21 @@ class CaseResult:
 
 
 def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | None = None) -> CaseResult:
-    dtype = getattr(torch, case.dtype)
+    dtype, device = getattr(torch, case.dtype), torch.device(case.device)
     torch.manual_seed(0)
     T, D, Fh, E, K = case.tokens, case.d_model, case.d_ff, case.num_experts, case.top_k
     backward = case.mode == "fwdbwd"
-    forced = None if case.routing == "router" else fixed_assignment(T, E, K, case.routing)
-    base = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=K, load_balance_coef=0.0)).to(dtype)
-    x = torch.randn(1, T, D, dtype=dtype, requires_grad=backward)
-    grad_y = torch.randn(1, T, D, dtype=dtype)
+    forced = None if case.routing == "router" else fixed_assignment(T, E, K, case.routing).to(device)
+    base = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=K, load_balance_coef=0.0)).to(device, dtype)
+    x = torch.randn(1, T, D, dtype=dtype, device=device, requires_grad=backward)
+    grad_y = torch.randn(1, T, D, dtype=dtype, device=device)
 
     modules: dict[str, Callable[[Tensor], Tensor]] = {}
-    dense = DenseSwiGLU(D, K * Fh).to(dtype)
+    dense = DenseSwiGLU(D, K * Fh).to(device, dtype)
     modules["dense (ideal)"] = dense
     layers = {}
     for path in case.paths:
-        layer = MoE(MoEConfig(**{**base.config.__dict__, "compute": path})).to(dtype)
+        layer = MoE(MoEConfig(**{**base.config.__dict__, "compute": path})).to(device, dtype)
         layer.load_state_dict(base.state_dict())
         if forced is not None:
             _force_moekit_routing(layer, forced)
@@ -239,12 +279,15 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
         if name.startswith("transformers"):
             try:  # some peers cannot run the shape at all (batched_mm copies weights per token)
                 fns[name]()
+                synchronize(device)
             except (RuntimeError, MemoryError) as error:
                 failed[name] = str(error).splitlines()[0][:120]
                 del fns[name], modules[name]
     if progress:
         progress(case.name)
-    times = median_times(fns, repeats)
+    # On a GPU one call can take tens of µs: time several back to back per round.
+    calls = 1 if device.type == "cpu" else 10
+    times = median_times(fns, repeats, device=case.device, calls=calls)
     memory = {}
     if backward:
         for name, module in modules.items():
@@ -265,35 +308,32 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
     return result
 
 
-def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes per second moved by a large tensor copy (read + write counted)."""
-    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).normal_()
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    times = median_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
+    times = median_times({"copy": lambda: dst.copy_(src)}, repeats, device=device)["copy"]
     return 2 * src.nbytes / statistics.median(times)
 
 
-def run_decode(tokens=(1, 4, 16), repeats: int = 7, calls: int = 50, **shape) -> list[dict]:
+def run_decode(tokens=(1, 4, 16), repeats: int = 7, calls: int = 50, device: str = "cpu",
+               dtype: str = "float32", **shape) -> list[dict]:
     """Forward time at tiny T against the bytes of expert weights that must be read."""
     shape = {**STANDARD, **shape}
     shape.pop("tokens")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(device=device)
     rows = []
     torch.manual_seed(0)
     moe = MoE(MoEConfig(d_model=shape["d_model"], d_ff=shape["d_ff"], num_experts=shape["num_experts"],
-                        top_k=shape["top_k"])).eval()
+                        top_k=shape["top_k"])).eval().to(device, getattr(torch, dtype))
     per_expert = sum(p[0].numel() * p.element_size() for p in (moe.experts.w_in, moe.experts.w_out))
     for T in tokens:
-        x = torch.randn(T, shape["d_model"])
+        x = torch.randn(T, shape["d_model"], device=device, dtype=getattr(torch, dtype))
         with torch.no_grad():
             hit = int((moe(x).routing.tokens_per_expert_E > 0).sum())
-
-            def call(x=x):
-                for _ in range(calls):
-                    moe(x)
-
-            t = statistics.median(median_times({"moe": call}, repeats)["moe"]) / calls
-        weight_bytes = hit * per_expert + moe.router.weight.numel() * 4
+            t = statistics.median(median_times({"moe": lambda x=x: moe(x)}, repeats, device=device,
+                                               calls=calls)["moe"])
+        weight_bytes = hit * per_expert + moe.router.weight.numel() * moe.router.weight.element_size()
         rows.append({"tokens": T, "experts_hit": hit, "median_us": t * 1e6, "weight_mb": weight_bytes / 2**20,
                      "read_gb_s": weight_bytes / t / 1e9, "copy_gb_s": bandwidth / 1e9,
                      "fraction_of_copy": weight_bytes / t / bandwidth})
@@ -325,18 +365,19 @@ def format_decode(rows: list[dict]) -> str:
 
 def run_lm_step(repeats: int = 5, vocab_size: int = 4096, batch_size: int = 16, context_length: int = 128,
                 d_model: int = 128, d_ff: int = 512, n_layer: int = 4, num_experts: int = 8,
-                top_k: int = 2) -> list[dict]:
+                top_k: int = 2, device: str = "cpu") -> list[dict]:
     """One training step (forward, backward, AdamW) of the language model, MoE against
     dense with the same active parameters (experts of width d_ff / K), same tokens."""
     from .models.lm import LanguageModel, LMConfig
 
     torch.manual_seed(0)
-    idx = torch.randint(0, vocab_size, (batch_size, context_length + 1))
+    idx = torch.randint(0, vocab_size, (batch_size, context_length + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
     common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, d_model=d_model,
                   d_ff=d_ff)
     moe = MoEConfig(d_model=d_model, d_ff=d_ff // top_k, num_experts=num_experts, top_k=top_k)
-    models = {"dense": LanguageModel(LMConfig(**common)), "MoE": LanguageModel(LMConfig(**common, moe=moe))}
+    models = {"dense": LanguageModel(LMConfig(**common)).to(device),
+              "MoE": LanguageModel(LMConfig(**common, moe=moe)).to(device)}
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -348,7 +389,7 @@ def run_lm_step(repeats: int = 5, vocab_size: int = 4096, batch_size: int = 16, 
             optimizer.step()
 
         steps[name] = step
-    times = median_times(steps, repeats)
+    times = median_times(steps, repeats, device=device)
     t_dense = statistics.median(times["dense"])
     return [{"model": name, "median_s": statistics.median(ts), "ratio_to_dense": statistics.median(ts) / t_dense,
              "active_params": models[name].num_parameters(active=True),
@@ -365,10 +406,10 @@ def format_lm_step(rows: list[dict]) -> str:
 
 
 def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: bool = True,
-              echo: Callable[[str], None] = print) -> dict:
+              echo: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Every default case (optionally those whose names contain one of the
     comma-separated ``only`` strings), then the decode and LM-step cases; returns the JSON record."""
-    cases = default_cases(tuple(dtypes))
+    cases = default_cases(tuple(dtypes), device=device)
     if only:
         cases = [c for c in cases if any(s in c.name for s in only.split(","))]
     output = {"machine": machine_info(), "cases": [], "decode": []}
@@ -378,9 +419,9 @@ def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: boo
         echo(format_case(result))
         output["cases"].append(asdict(result))
     if decode:
-        output["decode"] = run_decode(repeats=repeats)
+        output["decode"] = run_decode(repeats=repeats, device=device, dtype=dtypes[0])
         echo(format_decode(output["decode"]))
     if not only or "lm" in only.split(","):
-        output["lm_step"] = run_lm_step(repeats=repeats)
+        output["lm_step"] = run_lm_step(repeats=repeats, device=device)
         echo(format_lm_step(output["lm_step"]))
     return output

@@ -422,8 +422,11 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     output = run_suite(tuple(args.dtype or ["float32"]), repeats=args.repeats, only=args.only,
-                       decode=not args.no_decode, echo=lambda text: print(text, flush=True))
+                       decode=not args.no_decode, echo=lambda text: print(text, flush=True), device=args.device)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(output, indent=2))
     print(f"results: {args.json}", file=sys.stderr)
@@ -673,12 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(T=4096, D=512, F=1024, E=8, K=2) and fine-grained (F=128, E=64, K=8) shapes, uniform and "
                        "skewed routing, with transformers' Mixtral/Qwen3 blocks on the same weights and tokens, "
                        "activation memory, and decode-time bandwidth. Medians of interleaved rounds.")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
                    help="dtype to run (repeatable; default: float32)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per case (default: %(default)s)")
     p.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-bandwidth case")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to run; cuda adds the scaled shape T=16384 D=2048 F=4096 (default: %(default)s)")
     p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"),
                    help="where to write the results (default: %(default)s)")
     p.set_defaults(func=cmd_bench)

@@ -144,13 +144,14 @@ class StackedExperts(nn.Module):
         cast = _autocast_dtype(x_RD.device.type)
         if cast is not None:
             x_RD, w_in, w_out = x_RD.to(cast), w_in.to(cast), w_out.to(cast)
+        # h's gradient comes from the activation's backward, which is always contiguous.
         h_RF = F.grouped_mm(x_RD, w_in.transpose(-2, -1), offs=offsets_E)
-        h_RF = _ContiguousGrad.apply(h_RF)
         if self.b_in is not None:
             h_RF = h_RF + self.b_in.to(h_RF.dtype).repeat_interleave(counts_E, dim=0, output_size=x_RD.shape[0])
         a_RF = self._hidden(h_RF)
         y_RD = F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E)
-        y_RD = _ContiguousGrad.apply(y_RD)
+        if y_RD.requires_grad:  # callers may hand back any gradient, expanded ones included
+            y_RD = _ContiguousGrad.apply(y_RD)
         if self.b_out is not None:
             y_RD = y_RD + self.b_out.to(y_RD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_RD.shape[0])
         return y_RD

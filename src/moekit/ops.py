@@ -160,6 +160,8 @@ class _PermuteRows(torch.autograd.Function):
 
 def permute_rows(x_ND: Tensor, perm_N: Tensor, inverse_N: Tensor) -> Tensor:
     """``x[perm]`` for a permutation, whose backward gathers by ``inverse`` (no scatter-add)."""
+    if not (torch.is_grad_enabled() and x_ND.requires_grad):
+        return x_ND.index_select(0, perm_N)  # no backward: skip the autograd node's overhead
     return _PermuteRows.apply(x_ND, perm_N, inverse_N)
 
 
@@ -187,4 +189,6 @@ def gather_tokens(x_TD: Tensor, order_R: Tensor, top_k: int, inverse_R: Tensor |
     The backward sums each token's K row gradients by gathering (by
     ``inverse_R`` when all T·K assignments are routed) instead of scatter-adding.
     """
+    if not (torch.is_grad_enabled() and x_TD.requires_grad):
+        return x_TD.index_select(0, order_R // top_k)
     return _GatherTokens.apply(x_TD, order_R, top_k, inverse_R)

@@ -36,7 +36,7 @@ from ..experts import run_segments
 from ..ops import permute_rows
 from ..routing.base import Routing
 from ..routing.losses import assignment_counts, cv_squared, gates_from_topk
-from .local import combine_rows, gather_rows, plan_dispatch
+from .local import combine_rows, gather_rows, plan_dispatch, sort_keys
 
 STANDARD_LOSSES = ("load_balance", "z_loss", "importance", "load")
 # Routers whose losses are all functions of per-expert sums over tokens that the
@@ -242,7 +242,7 @@ class ExpertParallel:
         local_expert_N = torch.arange(L, device=x_ND.device).repeat(P).repeat_interleave(
             recv_counts_PL.reshape(-1), output_size=x_ND.shape[0]
         )
-        by_expert_N = torch.argsort(local_expert_N, stable=True)
+        by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
         by_source_N = torch.empty_like(by_expert_N)
         by_source_N[by_expert_N] = torch.arange(x_ND.shape[0], device=x_ND.device)
         counts_L = recv_counts_PL.sum(0)

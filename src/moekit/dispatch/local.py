@@ -49,6 +49,19 @@ class DispatchPlan:
         return self.kept_TK is None
 
 
+def sort_keys(keys: Tensor, num_values: int) -> Tensor:
+    """``keys`` (values in [0, num_values)) in the narrowest integer dtype that holds them:
+    a stable radix sort makes one pass per key byte, so 8-bit expert ids sort
+    several times faster than int64 ones, on CPU and GPU alike."""
+    if num_values <= 256:
+        return keys.to(torch.uint8)
+    if num_values <= 2**15:
+        return keys.to(torch.int16)
+    if num_values <= 2**31:
+        return keys.to(torch.int32)
+    return keys
+
+
 def plan_dispatch(
     indices_TK: Tensor,
     num_experts: int,
@@ -75,7 +88,7 @@ def plan_dispatch(
     device = indices_TK.device
     flat_E = indices_TK.reshape(-1)
     if capacity is None and valid_T is None and active_TK is None:
-        order_R = torch.argsort(flat_E, stable=True)
+        order_R = torch.argsort(sort_keys(flat_E, num_experts), stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
         inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=device))
@@ -101,7 +114,7 @@ def plan_dispatch(
         group = torch.arange(T * K, device=device) // (K * capacity_group_size)
         num_buckets = (int(group[-1]) + 1 if T else 1) * (num_experts + 1)
         bucket = group * (num_experts + 1) + flat_E
-    sorted_order = candidate_order[torch.argsort(bucket[candidate_order], stable=True)]
+    sorted_order = candidate_order[torch.argsort(sort_keys(bucket[candidate_order], num_buckets), stable=True)]
     sorted_bucket = bucket[sorted_order]
     bucket_counts = torch.zeros(num_buckets, dtype=torch.long, device=device)
     bucket_counts.scatter_add_(0, bucket, torch.ones_like(bucket))
@@ -112,7 +125,7 @@ def plan_dispatch(
         keep_sorted &= rank_in_bucket < capacity
     order_R = sorted_order[keep_sorted]  # NOTE: boolean indexing syncs with the device
     if num_buckets != num_experts + 1:
-        order_R = order_R[torch.argsort(flat_E[order_R], stable=True)]
+        order_R = order_R[torch.argsort(sort_keys(flat_E[order_R], num_experts + 1), stable=True)]
     counts_E = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     counts_E = counts_E.scatter_add_(0, flat_E[order_R], torch.ones_like(order_R))[:num_experts]
     kept_flat = torch.zeros(T * K, dtype=torch.bool, device=device)
@@ -134,5 +147,19 @@ def combine_rows(y_RD: Tensor, weights_TK: Tensor, plan: DispatchPlan, out_dtype
         y_TKD = permute_rows(y_RD, plan.inverse_R, plan.order_R).view(T, K, D)
     else:
         y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, plan.order_R, y_RD).view(T, K, D)
-    y_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
+    return weighted_sum(y_TKD, weights_TK, out_dtype)
+
+
+def weighted_sum(y_TKD: Tensor, weights_TK: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Σ_k weights_TK·y_TKD in the weights' dtype, then cast to ``out_dtype``.
+
+    On CPU a batched (1×K)·(K×D) product is fastest; on a GPU that product runs as
+    a slow batched GEMV (and its backward as a float32 GEMM), so there a
+    broadcast multiply, which promotes y to the weights' dtype on the fly, and a
+    sum over K are several times faster.
+    """
+    if y_TKD.device.type == "cpu":
+        y_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
+    else:
+        y_TD = (y_TKD * weights_TK.unsqueeze(-1)).sum(1)
     return y_TD.to(out_dtype)
