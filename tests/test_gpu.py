@@ -90,3 +90,19 @@ def test_gpu_training_step_of_the_language_model_reduces_the_loss():
         optimizer.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_auto_avoids_host_syncs_on_the_gpu_even_for_a_handful_of_tokens():
+    moe = MoE(MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2)).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    assert resolve_path("auto", moe.experts, x, top_k=2) == "grouped_mm"
+    moe(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            moe(x)
+        x_train = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        moe(x_train).y.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -327,16 +327,24 @@ def run_decode(tokens=(1, 4, 16), repeats: int = 7, calls: int = 50, device: str
     moe = MoE(MoEConfig(d_model=shape["d_model"], d_ff=shape["d_ff"], num_experts=shape["num_experts"],
                         top_k=shape["top_k"])).eval().to(device, getattr(torch, dtype))
     per_expert = sum(p[0].numel() * p.element_size() for p in (moe.experts.w_in, moe.experts.w_out))
+    try:
+        peer = _hf_peer(moe, "mixtral:grouped_mm", None)
+    except ImportError:
+        peer = None
     for T in tokens:
         x = torch.randn(T, shape["d_model"], device=device, dtype=getattr(torch, dtype))
+        fns = {"moe": lambda x=x: moe(x)}
+        if peer is not None:
+            fns["peer"] = lambda x=x: peer(x)
         with torch.no_grad():
             hit = int((moe(x).routing.tokens_per_expert_E > 0).sum())
-            t = statistics.median(median_times({"moe": lambda x=x: moe(x)}, repeats, device=device,
-                                               calls=calls)["moe"])
+            times = median_times(fns, repeats, device=device, calls=calls)
+        t = statistics.median(times["moe"])
         weight_bytes = hit * per_expert + moe.router.weight.numel() * moe.router.weight.element_size()
         rows.append({"tokens": T, "experts_hit": hit, "median_us": t * 1e6, "weight_mb": weight_bytes / 2**20,
                      "read_gb_s": weight_bytes / t / 1e9, "copy_gb_s": bandwidth / 1e9,
-                     "fraction_of_copy": weight_bytes / t / bandwidth})
+                     "fraction_of_copy": weight_bytes / t / bandwidth,
+                     "transformers_grouped_mm_us": statistics.median(times["peer"]) * 1e6 if peer else None})
     return rows
 
 
@@ -356,18 +364,22 @@ def format_case(result: CaseResult) -> str:
 
 def format_decode(rows: list[dict]) -> str:
     lines = [f"decode (forward, no grad): copy bandwidth {rows[0]['copy_gb_s']:.1f} GB/s (read + write)",
-             f"  {'T':>3s} {'experts':>8s} {'µs':>9s} {'weights MB':>11s} {'GB/s':>7s} {'of copy':>8s}"]
+             f"  {'T':>3s} {'experts':>8s} {'µs':>9s} {'weights MB':>11s} {'GB/s':>7s} {'of copy':>8s} "
+             f"{'transformers grouped_mm µs':>27s} {'speed-up':>9s}"]
     for r in rows:
+        peer = r.get("transformers_grouped_mm_us")
+        peer_text = f"{peer:27.1f} {peer / r['median_us']:9.2f}" if peer else ""
         lines.append(f"  {r['tokens']:3d} {r['experts_hit']:8d} {r['median_us']:9.1f} {r['weight_mb']:11.2f} "
-                     f"{r['read_gb_s']:7.1f} {r['fraction_of_copy']:8.2f}")
+                     f"{r['read_gb_s']:7.1f} {r['fraction_of_copy']:8.2f} {peer_text}")
     return "\n".join(lines)
 
 
 def run_lm_step(repeats: int = 5, vocab_size: int = 4096, batch_size: int = 16, context_length: int = 128,
                 d_model: int = 128, d_ff: int = 512, n_layer: int = 4, num_experts: int = 8,
-                top_k: int = 2, device: str = "cpu") -> list[dict]:
+                top_k: int = 2, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """One training step (forward, backward, AdamW) of the language model, MoE against
-    dense with the same active parameters (experts of width d_ff / K), same tokens."""
+    dense with the same active parameters (experts of width d_ff / K), same tokens;
+    float32 parameters, under autocast when ``dtype`` is a 16-bit type."""
     from .models.lm import LanguageModel, LMConfig
 
     torch.manual_seed(0)
@@ -383,7 +395,9 @@ def run_lm_step(repeats: int = 5, vocab_size: int = 4096, batch_size: int = 16, 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
-            out = model(inputs, targets)
+            with torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype),
+                                enabled=dtype != "float32"):
+                out = model(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             (out.loss + out.aux_loss).backward()
             optimizer.step()
@@ -422,6 +436,6 @@ def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: boo
         output["decode"] = run_decode(repeats=repeats, device=device, dtype=dtypes[0])
         echo(format_decode(output["decode"]))
     if not only or "lm" in only.split(","):
-        output["lm_step"] = run_lm_step(repeats=repeats, device=device)
+        output["lm_step"] = run_lm_step(repeats=repeats, device=device, dtype=dtypes[0])
         echo(format_lm_step(output["lm_step"]))
     return output

@@ -673,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time MoE layers against the dense ideal and transformers' blocks",
                        description="Efficiency η = t_dense / t_moe of moekit's compute paths at the standard "
-                       "(T=4096, D=512, F=1024, E=8, K=2) and fine-grained (F=128, E=64, K=8) shapes, uniform and "
+                       "(T=4096, D=512, F=1024, E=8, K=2), fine-grained (F=128, E=64, K=8) and, on a GPU, scaled "
+                       "(T=16384, D=2048, F=4096) shapes, uniform and "
                        "skewed routing, with transformers' Mixtral/Qwen3 blocks on the same weights and tokens, "
                        "activation memory, and decode-time bandwidth. Medians of interleaved rounds.")
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],

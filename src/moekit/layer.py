@@ -300,7 +300,9 @@ SMALL_BATCH_ROWS_PER_EXPERT = 1.0
 
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1) -> str:
     if name == "auto":
-        if x_TD.shape[0] * top_k <= SMALL_BATCH_ROWS_PER_EXPERT * experts.num_experts:
+        # On a GPU, small_batch's host syncs cost more than the launches they save.
+        few_rows = x_TD.shape[0] * top_k <= SMALL_BATCH_ROWS_PER_EXPERT * experts.num_experts
+        if few_rows and x_TD.device.type == "cpu":
             return "small_batch"
         for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
