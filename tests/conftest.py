@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It
+# is chosen when the kernels are defined, so before anything imports moekit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests use tiny tensors, for which a second intra-op thread only adds
 # hand-off latency (severe on a shared, oversubscribed machine).

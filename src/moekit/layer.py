@@ -3,8 +3,9 @@
 ``MoE(config)(x)`` takes (..., D) and returns ``MoEOutput(y, aux_loss, routing)``
 whatever the flags. Compute paths are registered by name in ``COMPUTE_PATHS``:
 ``loop`` is the readable reference, ``segment`` and ``grouped_mm`` sort rows by
-expert and run them as contiguous blocks; ``auto`` picks the fastest that
-supports the inputs. Every path is parity-tested against ``loop``.
+expert and run them as contiguous blocks; ``triton`` (optional, GPU) fuses the
+row gather and un-permute into its grouped GEMMs; ``auto`` picks the fastest
+that supports the inputs. Every path is parity-tested against ``loop``.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 """
@@ -19,8 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch.local import combine_rows, gather_rows, plan_dispatch
-from .experts import ModuleExperts, SharedExperts, StackedExperts, grouped_mm_supports
+from .dispatch.local import DispatchPlan, combine_rows, gather_rows, plan_dispatch
+from .experts import (
+    ModuleExperts,
+    SharedExperts,
+    StackedExperts,
+    _autocast_dtype,
+    grouped_mm_supports,
+)
 from .routing import (
     AnyRouting,
     ExpertChoiceRouting,
@@ -184,18 +191,22 @@ def small_batch_path(x_TD, routing, experts, capacity, drop_priority, out_dtype,
     return y_TD.to(out_dtype), counts_E, keep_TK, (real_TK & ~keep_TK).sum()
 
 
+def _plan(routing: Routing, experts, capacity, drop_priority, group_size) -> DispatchPlan:
+    return plan_dispatch(
+        routing.indices_TK,
+        experts.num_experts,
+        capacity=capacity,
+        priority_TK=_priority_TK(routing) if capacity is not None else None,
+        drop_priority=drop_priority,
+        valid_T=routing.valid_T,
+        active_TK=routing.active_TK,
+        capacity_group_size=group_size,
+    )
+
+
 def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
     def path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
-        plan = plan_dispatch(
-            routing.indices_TK,
-            experts.num_experts,
-            capacity=capacity,
-            priority_TK=_priority_TK(routing) if capacity is not None else None,
-            drop_priority=drop_priority,
-            valid_T=routing.valid_T,
-            active_TK=routing.active_TK,
-            capacity_group_size=group_size,
-        )
+        plan = _plan(routing, experts, capacity, drop_priority, group_size)
         y_RD = run_rows(experts, gather_rows(x_TD, plan), plan.counts_E)
         y_TD = combine_rows(y_RD, routing.weights_TK, plan, out_dtype)
         return y_TD, plan.counts_E, plan.kept_TK, plan.num_dropped
@@ -212,14 +223,68 @@ def _run_grouped(experts, x_RD: Tensor, counts_E: Tensor) -> Tensor:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _triton_rows(experts, x_TD: Tensor, counts_E: Tensor, order_R: Tensor | None, top_k: int,
+                 num_assignments: int) -> Tensor:
+    """The experts' MLP on the rows ``order_R`` selects, by the Triton kernels: tokens
+    are read in place and outputs land on their assignment rows, (num_assignments, D).
+    Without ``order_R`` the rows of x are already sorted by expert and stay so."""
+    from .kernels import gather_grouped_mm, grouped_mm_scatter
+
+    w_in, w_out, b_in, b_out = experts.w_in, experts.w_out, experts.b_in, experts.b_out
+    cast = _autocast_dtype(x_TD.device.type)
+    if cast is not None:
+        x_TD, w_in, w_out = x_TD.to(cast), w_in.to(cast), w_out.to(cast)
+    R = x_TD.shape[0] if order_R is None else order_R.shape[0]
+    h_RH = gather_grouped_mm(x_TD, w_in, order_R, counts_E, top_k)
+    if b_in is not None:
+        h_RH = h_RH + b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+    y_AD = grouped_mm_scatter(experts._hidden(h_RH), w_out, order_R, counts_E, num_assignments)
+    if b_out is not None:
+        b_out_RD = b_out.to(y_AD.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+        # Only routed rows get the bias: dropped and padded assignments stay zero.
+        y_AD = y_AD + b_out_RD if order_R is None else y_AD.index_add(0, order_R, b_out_RD)
+    return y_AD
+
+
+def triton_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
+    """Sorted rows like ``grouped_mm``, with the token gather and the un-permute
+    fused into the Triton GEMMs instead of two (R, D) copies."""
+    T, K = routing.indices_TK.shape
+    plan = _plan(routing, experts, capacity, drop_priority, group_size)
+    y_AD = _triton_rows(experts, x_TD, plan.counts_E, plan.order_R, K, T * K)
+    weights_TK = routing.weights_TK
+    y_TD = torch.bmm(weights_TK.unsqueeze(1), y_AD.view(T, K, x_TD.shape[1]).to(weights_TK.dtype)).squeeze(1)
+    return y_TD.to(out_dtype), plan.counts_E, plan.kept_TK, plan.num_dropped
+
+
+def _run_triton(experts, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    return _triton_rows(experts, x_RD, counts_E, None, 1, x_RD.shape[0])
+
+
+def triton_supports(experts: nn.Module, x: Tensor) -> bool:
+    """Stacked experts in a dtype the kernels take, on a GPU or in Triton's interpreter.
+
+    A meta tensor stands for an input whose device is not known yet (the
+    layer's check at construction)."""
+    from . import kernels
+
+    return (
+        kernels.HAS_TRITON
+        and isinstance(experts, StackedExperts)
+        and _compute_dtype(x) in kernels.supported_dtypes()
+        and (x.is_cuda or x.is_meta or kernels.interpreting())
+    )
 
 
 class ComputePath(NamedTuple):
     run: Callable[..., PathResult]
     supports: Callable[[nn.Module, Tensor], bool]
+    needs: str = ""  # what an unsupported input lacks, for the error message
 
 
 COMPUTE_PATHS: dict[str, ComputePath] = {
@@ -229,6 +294,14 @@ COMPUTE_PATHS: dict[str, ComputePath] = {
     "grouped_mm": ComputePath(
         _sorted_path(_run_grouped),
         lambda experts, x: grouped_mm_supports(experts, _compute_dtype(x)),
+        "grouped_mm needs stacked experts, float32/bfloat16/float16, and d_model, "
+        "d_ff whose rows are multiples of 16 bytes",
+    ),
+    "triton": ComputePath(
+        triton_path,
+        triton_supports,
+        "triton needs the triton package, stacked experts, float32/bfloat16/float16, and a "
+        "CUDA input (or TRITON_INTERPRET=1 set before moekit is imported)",
     ),
 }
 # "auto" takes the first path that supports the inputs, fastest first as measured
@@ -246,6 +319,7 @@ ROW_RUNNERS: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
     "segment": _run_segments,
     "small_batch": _run_segments,
     "grouped_mm": _run_grouped,
+    "triton": _run_triton,
 }
 
 
@@ -307,11 +381,12 @@ def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1) ->
         for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
                 return candidate
-    if not COMPUTE_PATHS[name].supports(experts, x_TD):
+    path = COMPUTE_PATHS[name]
+    if not path.supports(experts, x_TD):
+        needs = f" ({path.needs})" if path.needs else ""
         raise ValueError(
             f"compute path {name!r} does not support {type(experts).__name__} with {x_TD.dtype} "
-            f"input (grouped_mm needs stacked experts, float32/bfloat16/float16, and d_model, "
-            f"d_ff whose rows are multiples of 16 bytes); use compute='auto' or one of "
+            f"input on {x_TD.device.type}{needs}; use compute='auto' or one of "
             f"{', '.join(COMPUTE_PATHS)}"
         )
     return name
@@ -394,7 +469,7 @@ class MoE(nn.Module):
                 gate=config.shared_expert_gate,
             )
         if config.compute != "auto":
-            resolve_path(config.compute, self.experts, torch.empty(0, config.d_model))
+            resolve_path(config.compute, self.experts, torch.empty(0, config.d_model, device="meta"))
         # Set by moekit.distributed.expert_parallel: an ExpertParallel dispatcher that
         # runs this rank's shard of the experts for every rank's tokens.
         self.expert_parallel = None
