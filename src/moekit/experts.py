@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import triton_glu
 from .ops import ACTIVATIONS, segment_mlp
 
 EXPERTS = ("swiglu", "geglu", "ffn")
@@ -116,6 +117,10 @@ class StackedExperts(nn.Module):
     def _hidden(self, h: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
         if self.is_glu:
+            # On CUDA one fused kernel replaces the act, the multiply and their
+            # temporaries (forward and backward); CPU keeps the torch ops.
+            if triton_glu.use_fused(h):
+                return triton_glu.glu(h, self.activation)
             gate, up = h.chunk(2, dim=-1)
             return act(gate) * up
         return act(h)
