@@ -50,6 +50,8 @@ def glu_supported(h: Tensor) -> bool:
 
 def use_fused(h: Tensor) -> bool:
     """Whether GLU experts should run ``glu`` on ``h``, given ``FUSED``."""
+    if torch.compiler.is_compiling():
+        return False  # the compiler fuses the torch ops itself; a kernel call would break the graph
     if FUSED is None:
         # On CPU the torch ops are the fast path; the interpreter is for tests only.
         return h.is_cuda and glu_supported(h)
