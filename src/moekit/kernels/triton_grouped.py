@@ -76,7 +76,9 @@ def _dot_options(dtype: torch.dtype) -> dict:
     upcast = interpreting() and dtype == torch.bfloat16
     # fp32 follows torch's own matmul setting, so results match torch's matmuls on the GPU.
     tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    return {"UPCAST": upcast, "PRECISION": "tf32" if tf32 else "ieee"}
+    # float32 for every GPU dtype; float64 exists for the interpreter's exact checks.
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return {"UPCAST": upcast, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": acc}
 
 
 if HAS_TRITON:
@@ -99,11 +101,6 @@ if HAS_TRITON:
         ]
 
     @triton.jit
-    def _acc_dtype(ptr):
-        # float32 for every GPU dtype; float64 exists for the interpreter's exact checks.
-        return tl.float64 if ptr.dtype.element_ty == tl.float64 else tl.float32
-
-    @triton.jit
     def _expert_rows(counts_ptr, E, e, E_POW2: tl.constexpr):
         """(first row, end row) of expert e's block of sorted rows."""
         experts = tl.arange(0, E_POW2)
@@ -120,7 +117,7 @@ if HAS_TRITON:
         N, K, E, src_div,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr, E_POW2: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -152,7 +149,7 @@ if HAS_TRITON:
         a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=_acc_dtype(a_ptr))
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -178,7 +175,7 @@ if HAS_TRITON:
         N, K, E, g_div, a_div,
         stride_gm, stride_gn, stride_am, stride_ak, stride_oe, stride_on, stride_ok,
         HAS_G_SRC: tl.constexpr, HAS_A_SRC: tl.constexpr, E_POW2: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -193,7 +190,7 @@ if HAS_TRITON:
         n_ok = ns < N
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=_acc_dtype(g_ptr))
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
         for m0 in range(row_start, row_end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
