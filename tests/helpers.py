@@ -19,7 +19,7 @@ def run_path(moe: MoE, path: str, x: torch.Tensor, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     out = layer(x, **kwargs)
     probe = torch.Generator().manual_seed(123)
-    proj = torch.randn(out.y.shape, generator=probe, dtype=out.y.dtype)
+    proj = torch.randn(out.y.shape, generator=probe, dtype=out.y.dtype).to(out.y.device)
     ((out.y * proj).sum() + out.aux_loss).backward()
     # A parameter that got no rows has no grad on one path and a zero grad on another.
     grads = {
