@@ -20,7 +20,9 @@ device, and programs past the last tile return at once.
 
 Two autograd functions run an expert MLP's two projections on them:
 ``gather_grouped_mm`` (tokens → sorted hidden rows) and ``grouped_mm_scatter``
-(sorted hidden rows → un-permuted assignment rows).
+(sorted hidden rows → un-permuted assignment rows). Their forward and
+input-gradient GEMMs gather and scatter in the kernel; their weight gradients
+read a gathered copy (see ``_gather`` for why).
 
 Shapes: T tokens, K experts per token, A = T·K assignments, R routed rows,
 D model dim, H first projection width (F, or 2F for GLU), F expert hidden
