@@ -61,26 +61,29 @@ SCALED = dict(tokens=16384, d_model=2048, d_ff=4096, num_experts=8, top_k=2)
 
 def default_paths(device: str) -> tuple[str, ...]:
     """moekit paths worth timing on a device: those that can run there, fastest candidates."""
-    from .layer import COMPUTE_PATHS
-
-    if device == "cpu":
-        return ("grouped_mm", "segment")
-    return tuple(p for p in ("grouped_mm", "triton") if p in COMPUTE_PATHS)
+    # On a GPU the Triton path is slower than grouped_mm at every case (BENCHMARKS.md):
+    # time it with --paths grouped_mm,triton.
+    return ("grouped_mm", "segment") if device == "cpu" else ("grouped_mm",)
 
 
-def default_cases(dtypes=("float32",), device: str = "cpu") -> list[Case]:
+def default_cases(dtypes=("float32",), device: str = "cpu", paths: tuple[str, ...] | None = None) -> list[Case]:
     cases = []
-    paths = default_paths(device)
+    paths = paths or default_paths(device)
+    gpu = device != "cpu"
     for dtype in dtypes:
         common = dict(dtype=dtype, device=device, paths=paths)
+        # On a GPU: the target's shape first, and no batched_mm peer (it copies the
+        # weights for every routed row: 30× slower, and out of memory at the scaled shape).
+        mixtral = ("mixtral:eager", "mixtral:grouped_mm") if gpu else Case.peers
+        if gpu:
+            for routing in ("uniform", "skewed"):
+                cases.append(Case(name=f"scaled {routing}", routing=routing, peers=mixtral, **common, **SCALED))
         for routing in ("uniform", "skewed"):
-            cases.append(Case(name=f"standard {routing}", routing=routing, **common, **STANDARD))
-        cases.append(Case(name="standard uniform fwd", mode="fwd", **common, **STANDARD))
+            cases.append(Case(name=f"standard {routing}", routing=routing, peers=mixtral, **common, **STANDARD))
+        cases.append(Case(name="standard uniform fwd", mode="fwd", peers=mixtral, **common, **STANDARD))
         cases.append(Case(name="fine-grained uniform", peers=("qwen3:grouped_mm", "qwen3:eager"), **common,
                           **FINE_GRAINED))
-        if device != "cpu":
-            for routing in ("uniform", "skewed"):
-                cases.append(Case(name=f"scaled {routing}", routing=routing, **common, **SCALED))
+        if gpu:
             cases.append(Case(name="fine-grained skewed", routing="skewed", peers=("qwen3:grouped_mm",),
                               **common, **FINE_GRAINED))
     return cases
@@ -420,10 +423,11 @@ def format_lm_step(rows: list[dict]) -> str:
 
 
 def run_suite(dtypes=("float32",), repeats: int = 5, only: str = "", decode: bool = True,
-              echo: Callable[[str], None] = print, device: str = "cpu") -> dict:
+              echo: Callable[[str], None] = print, device: str = "cpu",
+              paths: tuple[str, ...] | None = None) -> dict:
     """Every default case (optionally those whose names contain one of the
     comma-separated ``only`` strings), then the decode and LM-step cases; returns the JSON record."""
-    cases = default_cases(tuple(dtypes), device=device)
+    cases = default_cases(tuple(dtypes), device=device, paths=paths)
     if only:
         cases = [c for c in cases if any(s in c.name for s in only.split(","))]
     output = {"machine": machine_info(), "cases": [], "decode": []}

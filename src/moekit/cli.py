@@ -426,7 +426,8 @@ def cmd_bench(args) -> int:
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     output = run_suite(tuple(args.dtype or ["float32"]), repeats=args.repeats, only=args.only,
-                       decode=not args.no_decode, echo=lambda text: print(text, flush=True), device=args.device)
+                       decode=not args.no_decode, echo=lambda text: print(text, flush=True), device=args.device,
+                       paths=tuple(args.paths.split(",")) if args.paths else None)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(output, indent=2))
     print(f"results: {args.json}", file=sys.stderr)
@@ -683,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-bandwidth case")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--paths", default="",
+                   help="comma-separated moekit compute paths to time (default: grouped_mm,segment on CPU, "
+                   "grouped_mm on a GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to run; cuda adds the scaled shape T=16384 D=2048 F=4096 (default: %(default)s)")
     p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"),
