@@ -106,3 +106,20 @@ def test_auto_avoids_host_syncs_on_the_gpu_even_for_a_handful_of_tokens():
         moe(x_train).y.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("expert", ["swiglu", "geglu"])
+def test_fused_glu_kernel_matches_the_torch_activation_inside_the_layer(expert):
+    from moekit.kernels import triton_glu
+
+    moe = MoE(MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2, expert=expert)).cuda()
+    x = torch.randn(2048, 256, device="cuda")
+    results = {}
+    try:
+        for fused in (False, True):
+            triton_glu.FUSED = fused
+            results[fused] = run_path(moe, "grouped_mm", x)
+    finally:
+        triton_glu.FUSED = None
+    torch.testing.assert_close(results[True][0].y, results[False][0].y, rtol=1e-5, atol=1e-5)
+    assert_close_dicts(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)

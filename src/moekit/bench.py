@@ -338,7 +338,7 @@ def run_decode(tokens=(1, 4, 16), repeats: int = 7, calls: int = 50, device: str
         x = torch.randn(T, shape["d_model"], device=device, dtype=getattr(torch, dtype))
         fns = {"moe": lambda x=x: moe(x)}
         if peer is not None:
-            fns["peer"] = lambda x=x: peer(x)
+            fns["peer"] = lambda x=x: peer(x[None])  # transformers blocks take (B, S, D)
         with torch.no_grad():
             hit = int((moe(x).routing.tokens_per_expert_E > 0).sum())
             times = median_times(fns, repeats, device=device, calls=calls)
