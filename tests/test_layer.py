@@ -272,3 +272,16 @@ def test_auto_runs_small_batches_on_the_small_batch_path():
     assert resolve_path("auto", moe.experts, torch.randn(4, 16), top_k=2) == "small_batch"
     assert resolve_path("auto", moe.experts, torch.randn(64, 16), top_k=2) == "grouped_mm"
     assert resolve_path("auto", moe.experts, torch.randn(64, 16, dtype=torch.float64), top_k=2) == "segment"
+
+
+@pytest.mark.parametrize("router,top_k", [("topk", 2), ("topk", 3), ("switch", 1), ("sigmoid", 2), ("softmax", 4)])
+def test_one_token_decoding_step_matches_loop(router, top_k):
+    moe = MoE(MoEConfig(d_model=6, d_ff=10, num_experts=4, top_k=top_k, router=router, expert_bias=True,
+                        z_loss_coef=1e-3)).double()
+    x = torch.randn(1, 1, 6, dtype=torch.float64)
+    ref, ref_grads = run_path(moe, "loop", x)
+    out, grads = run_path(moe, "small_batch", x)
+    torch.testing.assert_close(out.y, ref.y)
+    assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
+    assert out.routing.tokens_per_expert_E.sum() == top_k
+    assert_close_dicts(grads, ref_grads)

@@ -144,7 +144,7 @@ class StackedExperts(nn.Module):
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, all experts in one ``grouped_mm`` per projection."""
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
         w_in, w_out = self.w_in, self.w_out
         cast = _autocast_dtype(x_RD.device.type)
         if cast is not None:
