@@ -269,7 +269,8 @@ def test_auto_runs_small_batches_on_the_small_batch_path():
     from moekit.layer import resolve_path
 
     moe = MoE(d_model=16, d_ff=32, num_experts=8, top_k=2)
-    assert resolve_path("auto", moe.experts, torch.randn(4, 16), top_k=2) == "small_batch"
+    assert resolve_path("auto", moe.experts, torch.randn(1, 16), top_k=2) == "small_batch"
+    assert resolve_path("auto", moe.experts, torch.randn(2, 16), top_k=2) == "grouped_mm"
     assert resolve_path("auto", moe.experts, torch.randn(64, 16), top_k=2) == "grouped_mm"
     assert resolve_path("auto", moe.experts, torch.randn(64, 16, dtype=torch.float64), top_k=2) == "segment"
 

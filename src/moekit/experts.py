@@ -31,7 +31,7 @@ def grouped_mm_supports(experts: nn.Module, dtype: torch.dtype) -> bool:
     """Whether ``forward_grouped`` can run these experts on this dtype."""
     if not isinstance(experts, StackedExperts) or dtype not in GROUPED_MM_DTYPES:
         return False
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     return all((n * item) % _GROUPED_MM_ALIGN_BYTES == 0 for n in (experts.d_model, experts.d_ff))
 
 

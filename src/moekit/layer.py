@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch.local import DispatchPlan, combine_rows, gather_rows, plan_dispatch
+from .dispatch.local import DispatchPlan, combine_rows, gather_rows, plan_dispatch, weighted_sum
 from .experts import (
     ModuleExperts,
     SharedExperts,
@@ -272,9 +272,8 @@ def triton_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, grou
     T, K = routing.indices_TK.shape
     plan = _plan(routing, experts, capacity, drop_priority, group_size)
     y_AD = _triton_rows(experts, x_TD, plan.counts_E, plan.order_R, K, T * K)
-    weights_TK = routing.weights_TK
-    y_TD = torch.bmm(weights_TK.unsqueeze(1), y_AD.view(T, K, x_TD.shape[1]).to(weights_TK.dtype)).squeeze(1)
-    return y_TD.to(out_dtype), plan.counts_E, plan.kept_TK, plan.num_dropped
+    y_TD = weighted_sum(y_AD.view(T, K, x_TD.shape[1]), routing.weights_TK, out_dtype)
+    return y_TD, plan.counts_E, plan.kept_TK, plan.num_dropped
 
 
 def _run_triton(experts, x_RD: Tensor, counts_E: Tensor) -> Tensor:
@@ -382,16 +381,15 @@ def soft_compute(
     return y_TD.to(out_dtype), tokens_per_expert_E
 
 
-# Up to this many routed rows per expert on average, "auto" runs "small_batch":
-# per-call overhead, not matrix throughput, decides the time of a decoding step.
-SMALL_BATCH_ROWS_PER_EXPERT = 1.0
+# "auto" runs "small_batch" for a single token only: from two tokens on, one
+# grouped_mm over all experts is faster than a loop over the chosen ones
+# (measured at the standard and fine-grained shapes, BENCHMARKS.md).
 
 
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1) -> str:
     if name == "auto":
-        # On a GPU, small_batch's host syncs cost more than the launches they save.
-        few_rows = x_TD.shape[0] * top_k <= SMALL_BATCH_ROWS_PER_EXPERT * experts.num_experts
-        if few_rows and x_TD.device.type == "cpu":
+        # One decoding step on CPU; on a GPU, small_batch's host syncs cost more than they save.
+        if x_TD.shape[0] == 1 and x_TD.device.type == "cpu":
             return "small_batch"
         for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
