@@ -1,6 +1,10 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# Triton for the kernels' tests, which run in Triton's interpreter without a GPU;
+# its 3.6 interpreter needs numpy < 2.4. On a CUDA machine keep torch's own
+# triton: make test-gpu TORCH=torch TRITON=
+TRITON ?= "triton==3.6.0" "numpy<2.4"
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,6 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(if $(strip $(TRITON)),$(PY) -m pip install -q $(TRITON))
 	touch $(STAMP)
 
 demo: $(STAMP)
