@@ -100,3 +100,30 @@ def test_expert_capacity_errors():
         MoE(d_model=8, d_ff=8, num_experts=4, expert_capacity=0)
     with pytest.raises(ValueError, match="not both"):
         MoE(d_model=8, d_ff=8, num_experts=4, expert_capacity=2, capacity_factor=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_both_ways_of_combining_agree_with_gradients(dtype):
+    """The GPU combine (broadcast multiply and sum) against the CPU one (batched
+    product), on CPU: outputs, and gradients of the rows and the weights."""
+    from moekit.dispatch.local import weighted_sum_by
+
+    y_TKD = torch.randn(7, 3, 5, dtype=dtype)
+    weights_TK = torch.rand(7, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    probe = torch.randn(7, 5, dtype=weights_TK.dtype)
+    results = []
+    for broadcast in (False, True):
+        y = y_TKD.clone().requires_grad_(True)
+        w = weights_TK.clone().requires_grad_(True)
+        out = weighted_sum_by(y, w, broadcast)
+        assert out.dtype == weights_TK.dtype
+        (out * probe).sum().backward()
+        results.append((out, y.grad, w.grad))
+    expected = (weights_TK[..., None] * y_TKD.to(weights_TK.dtype)).sum(1)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-2, "atol": 1e-2}
+    expected_grad_y = (weights_TK[..., None] * probe[:, None, :]).to(dtype)
+    expected_grad_w = (y_TKD.to(weights_TK.dtype) * probe[:, None, :]).sum(-1)
+    for out, grad_y, grad_w in results:
+        torch.testing.assert_close(out, expected, **tol)
+        torch.testing.assert_close(grad_y, expected_grad_y, **tol)
+        torch.testing.assert_close(grad_w, expected_grad_w, **tol)

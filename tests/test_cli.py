@@ -102,3 +102,25 @@ def test_demo_trains_both_models_for_each_seed_and_writes_the_report(tmp_path, c
     capsys.readouterr()
     assert main(args) == 0  # a second run reuses the trained models
     assert capsys.readouterr().err.count("already trained") == 4
+
+
+def test_bench_on_cuda_without_a_gpu_says_so(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--json", str(tmp_path / "b.json")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_gpu_cases_put_the_scaled_shape_first_and_leave_out_batched_mm():
+    from moekit.bench import SCALED, default_cases
+
+    cases = default_cases(("bfloat16",), device="cuda")
+    assert [c.name for c in cases[:2]] == ["scaled uniform", "scaled skewed"]
+    assert (cases[0].tokens, cases[0].d_model, cases[0].d_ff) == (SCALED["tokens"], 2048, 4096)
+    assert all(c.device == "cuda" and c.dtype == "bfloat16" and c.paths == ("grouped_mm",) for c in cases)
+    assert not any("batched_mm" in p for c in cases for p in c.peers)
+    cpu = default_cases()
+    assert all(c.device == "cpu" and "scaled" not in c.name for c in cpu)
+    assert "mixtral:batched_mm" in cpu[0].peers

@@ -158,8 +158,13 @@ def weighted_sum(y_TKD: Tensor, weights_TK: Tensor, out_dtype: torch.dtype) -> T
     broadcast multiply, which promotes y to the weights' dtype on the fly, and a
     sum over K are several times faster.
     """
-    if y_TKD.device.type == "cpu":
-        y_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
-    else:
-        y_TD = (y_TKD * weights_TK.unsqueeze(-1)).sum(1)
-    return y_TD.to(out_dtype)
+    broadcast = y_TKD.device.type != "cpu"
+    return weighted_sum_by(y_TKD, weights_TK, broadcast).to(out_dtype)
+
+
+def weighted_sum_by(y_TKD: Tensor, weights_TK: Tensor, broadcast: bool) -> Tensor:
+    """Σ_k weights_TK·y_TKD in the weights' dtype, by a broadcast multiply and sum
+    or by a batched matrix product (both are tested against each other on CPU)."""
+    if broadcast:
+        return (y_TKD * weights_TK.unsqueeze(-1)).sum(1)
+    return torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
