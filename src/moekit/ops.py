@@ -176,6 +176,10 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad_RD: Tensor):
         order_R, inverse_R = ctx.saved_tensors
         T, K = ctx.num_tokens, ctx.top_k
+        if inverse_R is not None and grad_RD.device.type == "cpu" and T > 0:
+            # Gather each token's K row gradients and sum them in one pass.
+            grad_TD = F.embedding_bag(inverse_R.view(T, K), grad_RD.contiguous(), mode="sum")
+            return grad_TD, None, None, None
         if inverse_R is not None:  # every assignment was routed: a permutation
             grad_TKD = grad_RD.index_select(0, inverse_R)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import gather_tokens, permute_rows
@@ -143,6 +144,13 @@ def combine_rows(y_RD: Tensor, weights_TK: Tensor, plan: DispatchPlan, out_dtype
     """y_TD = Σ_k weights_TK·y for each token's kept assignments, in the weights' dtype."""
     T, K = weights_TK.shape
     D = y_RD.shape[-1]
+    if plan.inverse_R is not None and y_RD.device.type == "cpu" and T > 0:
+        # One pass on CPU: each token gathers its K rows and sums them weighted, with
+        # no (T·K, D) un-permuted copy; forward + backward take half the time of
+        # permute-then-multiply at the fine-grained shape (BENCHMARKS.md).
+        y_TD = F.embedding_bag(plan.inverse_R.view(T, K), y_RD.to(weights_TK.dtype),
+                               per_sample_weights=weights_TK, mode="sum")
+        return y_TD.to(out_dtype)
     if plan.inverse_R is not None:
         y_TKD = permute_rows(y_RD, plan.inverse_R, plan.order_R).view(T, K, D)
     else:
