@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import triton_glu
-from .ops import ACTIVATIONS, segment_mlp
+from .ops import ACTIVATIONS, glu, segment_mlp
 
 EXPERTS = ("swiglu", "geglu", "ffn")
 _GLU_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
@@ -117,10 +117,12 @@ class StackedExperts(nn.Module):
     def _hidden(self, h: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
         if self.is_glu:
-            # On CUDA one fused kernel replaces the act, the multiply and their
-            # temporaries (forward and backward); CPU keeps the torch ops.
+            # On CUDA one fused Triton kernel replaces the act, the multiply and their
+            # temporaries (forward and backward).
             if triton_glu.use_fused(h):
                 return triton_glu.glu(h, self.activation)
+            if h.device.type == "cpu":
+                return glu(h, self.activation)
             gate, up = h.chunk(2, dim=-1)
             return act(gate) * up
         return act(h)

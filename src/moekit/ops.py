@@ -37,15 +37,21 @@ def _act(x: Tensor, activation: str) -> Tensor:
     return ACTIVATIONS[activation](x)
 
 
-def _act_backward(grad_out: Tensor, x: Tensor, activation: str) -> Tensor:
-    """grad_out · act'(x) with torch's fused backward kernels."""
+def _act_backward(grad_out: Tensor, x: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
+    """grad_out · act'(x) with torch's fused backward kernels, written into ``out`` when given."""
+    aten = torch.ops.aten
+    if out is None:
+        if activation == "silu":
+            return aten.silu_backward(grad_out, x)
+        if activation in ("gelu", "gelu_tanh"):
+            return aten.gelu_backward(grad_out, x, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return aten.threshold_backward(grad_out, x, 0)
     if activation == "silu":
-        return torch.ops.aten.silu_backward(grad_out, x)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_out, x)
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad_out, x, approximate="tanh")
-    return torch.ops.aten.threshold_backward(grad_out, x, 0)
+        return aten.silu_backward.grad_input(grad_out, x, grad_input=out)
+    if activation in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward.grad_input(grad_out, x, approximate="tanh" if activation == "gelu_tanh" else "none",
+                                             grad_input=out)
+    return aten.threshold_backward.grad_input(grad_out, x, 0, grad_input=out)
 
 
 def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str, glu: bool) -> Tensor:
@@ -55,8 +61,29 @@ def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str, glu: 
     grad_h_RH = torch.empty_like(h_RH)
     grad_gate, grad_up = grad_h_RH.chunk(2, dim=-1)
     torch.mul(grad_a_RF, _act(gate, activation), out=grad_up)
-    grad_gate.copy_(_act_backward(grad_a_RF * up, gate, activation))
+    _act_backward(grad_a_RF * up, gate, activation, out=grad_gate)
     return grad_h_RH
+
+
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_RH: Tensor, activation: str) -> Tensor:
+        ctx.save_for_backward(h_RH)
+        ctx.activation = activation
+        return _activation_forward(h_RH, activation, glu=True)
+
+    @staticmethod
+    def backward(ctx, grad_a_RF: Tensor):
+        (h_RH,) = ctx.saved_tensors
+        return _activation_backward(h_RH, grad_a_RF.contiguous(), ctx.activation, glu=True), None
+
+
+def glu(h_RH: Tensor, activation: str) -> Tensor:
+    """``act(gate) · up`` for ``gate, up = h.chunk(2, -1)``, keeping only h for backward
+    and writing both halves of its gradient in place (no concatenation)."""
+    if not (torch.is_grad_enabled() and h_RH.requires_grad) or torch.compiler.is_compiling():
+        return _activation_forward(h_RH, activation, glu=True)
+    return _GLU.apply(h_RH, activation)
 
 
 class _SegmentMLP(torch.autograd.Function):
