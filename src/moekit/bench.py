@@ -121,8 +121,10 @@ def machine_info() -> dict[str, str]:
         model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), model)
     except OSError:
         pass
+    from . import memory
+
     info = {"cpu": model, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "keep_freed_memory": str(memory._applied)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)

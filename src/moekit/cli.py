@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-bandwidth case")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="let this process reuse freed memory instead of page-faulting it back in "
+                   "(moekit.memory; the other commands always do, unless MOEKIT_KEEP_FREED_MEMORY=0)")
     p.add_argument("--paths", default="",
                    help="comma-separated moekit compute paths to time (default: grouped_mm,segment on CPU, "
                    "grouped_mm on a GPU)")
@@ -704,6 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--experts ({args.experts}) must be >= 0")
     if args.command == "demo" and args.experts < 1:
         parser.error("the demo compares an MoE with a dense model; --experts must be >= 1")
+    keep = args.command != "bench" or args.keep_freed_memory
+    if keep and os.environ.get("MOEKIT_KEEP_FREED_MEMORY", "1") != "0":
+        from .memory import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return args.func(args)
     except (CLIError, DataError, FileNotFoundError, FileExistsError, ValueError) as err:
