@@ -16,7 +16,7 @@ from moekit.cli import main
 # faults of the second allocation of each pair (first-touch faults, counted by the kernel).
 PROBE = textwrap.dedent("""
     import resource, torch
-    from moekit.memory import keep_freed_memory
+    from moekit.memory import freed_memory_kept, keep_freed_memory
 
     def faults_of_second_allocation():
         torch.ones(16 * 2**20).sum()
@@ -25,7 +25,8 @@ PROBE = textwrap.dedent("""
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     default = faults_of_second_allocation()
-    assert keep_freed_memory()
+    assert not freed_memory_kept()
+    assert keep_freed_memory() and freed_memory_kept()
     kept = faults_of_second_allocation()
     print(default, kept)
 """)

@@ -124,7 +124,7 @@ def machine_info() -> dict[str, str]:
     from . import memory
 
     info = {"cpu": model, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-            "python": platform.python_version(), "keep_freed_memory": str(memory._applied)}
+            "python": platform.python_version(), "keep_freed_memory": str(memory.freed_memory_kept())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)

@@ -167,7 +167,7 @@ def small_batch_path(x_TD, routing, experts, capacity, drop_priority, out_dtype,
                                  routing.valid_T, routing.active_TK, group_size)
     experts_flat = routing.indices_TK.reshape(-1).tolist()  # NOTE: .tolist() syncs with the device
     if T == 1 and keep_TK is None:
-        return _one_token(x_TD, routing.weights_TK, experts_flat, experts.num_experts, experts, out_dtype)
+        return _one_token(x_TD, routing.weights_TK, experts_flat, experts, out_dtype)
     keep_flat = keep_TK.reshape(-1).tolist() if keep_TK is not None else None
     by_expert: dict[int, list[int]] = {}
     for assignment, e in enumerate(experts_flat):
@@ -193,11 +193,11 @@ def small_batch_path(x_TD, routing, experts, capacity, drop_priority, out_dtype,
     return y_TD.to(out_dtype), counts_E, keep_TK, (real_TK & ~keep_TK).sum()
 
 
-def _one_token(x_1D, weights_1K, experts_K: list[int], num_experts: int, experts, out_dtype) -> PathResult:
+def _one_token(x_1D, weights_1K, experts_K: list[int], experts, out_dtype) -> PathResult:
     """One token (a decoding step): each chosen expert on x itself, weights taken by
     slicing; no index tensors, gathers or scatters."""
     y_1D = None
-    counts = [0] * num_experts
+    counts = [0] * experts.num_experts
     for k, e in enumerate(experts_K):
         term = weights_1K[:, k : k + 1] * experts.forward_expert(e, x_1D).to(weights_1K.dtype)
         y_1D = term if y_1D is None else y_1D + term

@@ -46,3 +46,8 @@ def keep_freed_memory() -> bool:
     # Blocks up to 1 GiB come from the heap, and the heap is trimmed only past 1 GiB free.
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, _ONE_GIB)) and bool(mallopt(_M_TRIM_THRESHOLD, _ONE_GIB))
     return _applied
+
+
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory()`` is in effect in this process."""
+    return _applied
