@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--routing", choices=["router", "uniform", "skewed"], default="router")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--paths", default="grouped_mm,segment,loop")
+    parser.add_argument("--paths", default="fused,grouped_mm,segment,loop")
     parser.add_argument("--peers", default="mixtral:eager,mixtral:grouped_mm",
                         help="transformers blocks as FAMILY:IMPLEMENTATION, comma-separated, or ''")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")

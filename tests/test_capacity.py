@@ -13,7 +13,7 @@ from moekit import MoE
 from moekit.dispatch.local import plan_dispatch
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm", "small_batch"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
 @pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
 @pytest.mark.parametrize("priority", ["probability", "position"])
 def test_tokens_per_expert_within_capacity_and_drops_counted(path, capacity_factor, priority):
@@ -63,7 +63,7 @@ def test_position_priority_prefers_first_choices_then_earlier_tokens():
     assert int(plan.num_dropped) == 2
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm", "small_batch"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
 def test_large_capacity_equals_dropless(path):
     moe = MoE(d_model=8, d_ff=8, num_experts=4, top_k=2, compute=path)
     x = torch.randn(30, 8)
@@ -76,7 +76,7 @@ def test_large_capacity_equals_dropless(path):
         torch.testing.assert_close(capped[1][name], dropless[1][name])
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm", "small_batch"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
 @pytest.mark.parametrize("priority", ["probability", "position"])
 def test_capacity_per_sequence_equals_running_each_sequence_alone(path, priority):
     config = dict(d_model=8, d_ff=8, num_experts=4, top_k=2, expert_capacity=3, drop_priority=priority,

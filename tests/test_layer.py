@@ -13,11 +13,11 @@ from tests.helpers import assert_close_dicts, run_path
 from moekit import MoE, MoEConfig, StackedExperts
 
 CORE_ROUTERS = ["softmax", "topk", "noisy_topk", "switch"]
-FAST_PATHS = ["segment", "grouped_mm", "small_batch"]
+FAST_PATHS = ["segment", "fused", "grouped_mm", "small_batch"]
 
 
 def _paths_for(dtype):
-    return ["segment", "small_batch"] if dtype == torch.float64 else FAST_PATHS
+    return ["segment", "fused", "small_batch"] if dtype == torch.float64 else FAST_PATHS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -63,7 +63,7 @@ def test_paths_match_loop_on_random_shapes(
         moe.router.weight.mul_(20.0)
     x = torch.randn(num_tokens, d_model, dtype=torch.float64)
     ref, ref_grads = run_path(moe, "loop", x)
-    for path in ("segment", "small_batch"):
+    for path in ("segment", "fused", "small_batch"):
         out, grads = run_path(moe, path, x)
         torch.testing.assert_close(out.y, ref.y, rtol=1e-10, atol=1e-10)
         assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
@@ -82,7 +82,7 @@ def test_paths_match_loop_on_random_shapes(
     assert_close_dicts(grads32, ref32_grads, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm"])
 @pytest.mark.parametrize("expert", ["swiglu", "ffn"])
 def test_one_expert_equals_dense_ffn(path, expert):
     d_model, d_ff = 8, 16
@@ -174,7 +174,7 @@ def test_switch_routes_top1_with_its_probability_and_jitters_only_in_training():
     assert not torch.equal(jittered.routing.logits_TE, out.routing.logits_TE)
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm", "small_batch"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
 def test_batch_and_flat_inputs_and_zero_tokens(path):
     moe = MoE(d_model=8, d_ff=16, num_experts=4, compute=path)
     x = torch.randn(2, 3, 8)
@@ -188,7 +188,7 @@ def test_batch_and_flat_inputs_and_zero_tokens(path):
     assert empty.grad.shape == (0, 8)
 
 
-@pytest.mark.parametrize("path", ["segment", "grouped_mm"])
+@pytest.mark.parametrize("path", ["segment", "fused", "grouped_mm"])
 def test_autocast_bf16_matches_fp32_closely_and_router_stays_fp32(path):
     moe = MoE(d_model=32, d_ff=64, num_experts=4, compute=path)
     x = torch.randn(64, 32)
@@ -263,6 +263,65 @@ def test_grouped_experts_backward_accepts_expanded_gradients(num_rows):
     reference.forward_segments(x, counts.tolist()).sum().backward()
     torch.testing.assert_close(experts.w_in.grad, reference.w_in.grad)
     torch.testing.assert_close(experts.w_out.grad, reference.w_out.grad)
+
+
+@pytest.mark.parametrize("expert", ["swiglu", "ffn"])
+def test_fused_path_matches_loop_with_padding_bias_and_expanded_gradients(expert):
+    moe = MoE(MoEConfig(d_model=6, d_ff=5, num_experts=4, top_k=3, expert=expert, activation="gelu",
+                        expert_bias=True, z_loss_coef=1e-2)).double()
+    with torch.no_grad():
+        moe.experts.b_in.normal_()
+        moe.experts.b_out.normal_()
+        moe.router.weight.mul_(10)  # skewed: some experts get few or no rows
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    mask = torch.rand(2, 9) > 0.3
+    ref, ref_grads = run_path(moe, "loop", x, mask=mask)
+    out, grads = run_path(moe, "fused", x, mask=mask)
+    torch.testing.assert_close(out.y, ref.y, rtol=1e-12, atol=1e-12)
+    assert out.y[~mask].abs().max() == 0
+    assert_close_dicts(grads, ref_grads, rtol=1e-12, atol=1e-12)
+    # The gradient of y.sum() is expanded (zero strides).
+    layer = MoE(MoEConfig(**{**moe.config.__dict__, "compute": "fused"})).double()
+    layer.load_state_dict(moe.state_dict())
+    reference = MoE(MoEConfig(**{**moe.config.__dict__, "compute": "loop"})).double()
+    reference.load_state_dict(moe.state_dict())
+    layer(x).y.sum().backward()
+    reference(x).y.sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_fused_path_keeps_no_routed_row_tensors_for_backward():
+    from moekit.bench import activation_bytes
+
+    T, D, F_, E, K = 256, 32, 16, 8, 4
+    moe = MoE(d_model=D, d_ff=F_, num_experts=E, top_k=K)
+    x = torch.randn(T, D, requires_grad=True)
+    params = list(moe.parameters())
+    saved = {}
+    for path in ("fused", "grouped_mm"):
+        moe.config.compute = path
+        saved[path] = activation_bytes(lambda: moe(x).y, exclude=[x, *params])
+    routed_rows_bytes = T * K * D * 4
+    # grouped_mm keeps the gathered (T·K, D) input and the (T·K, D) expert outputs;
+    # fused keeps the pre-activations (T·K, 2F) and per-assignment indices and weights.
+    assert saved["grouped_mm"] - saved["fused"] >= 2 * routed_rows_bytes - T * K * 16
+    assert saved["fused"] < T * K * (2 * F_ * 4 + 32) + T * E * 16
+
+
+def test_auto_runs_fused_on_cpu_when_routed_rows_would_be_page_faulted_in(monkeypatch):
+    from moekit import layer as layer_module
+    from moekit.layer import FUSED_MIN_ROW_BYTES, resolve_path
+
+    moe = MoE(d_model=64, d_ff=32, num_experts=8, top_k=2)
+    big_T = FUSED_MIN_ROW_BYTES // (2 * 64 * 4)
+    big = torch.empty(big_T, 64)
+    monkeypatch.setattr(layer_module, "freed_memory_kept", lambda: False)  # CLI tests may have set it
+    assert resolve_path("auto", moe.experts, big, top_k=2) == "fused"
+    assert resolve_path("auto", moe.experts, big[:-1], top_k=2) == "grouped_mm"
+    assert resolve_path("auto", moe.experts, big.bfloat16(), top_k=2) == "grouped_mm"
+    monkeypatch.setattr(layer_module, "freed_memory_kept", lambda: True)
+    assert resolve_path("auto", moe.experts, big, top_k=2) == "grouped_mm"
 
 
 def test_auto_runs_small_batches_on_the_small_batch_path():

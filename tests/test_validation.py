@@ -35,7 +35,7 @@ def test_config_errors_name_the_value(kwargs, error, pattern):
         (dict(router="bogus"), r"unknown router 'bogus'; valid routers: .*noisy_topk.*softmax.*switch.*topk"),
         (dict(expert="moe"), r"unknown expert 'moe'; valid experts: swiglu, geglu, ffn"),
         (dict(expert="ffn", activation="tanh"), r"unknown activation 'tanh'; valid activations: relu, gelu, gelu_tanh, silu"),
-        (dict(compute="cuda_magic"), r"unknown compute path 'cuda_magic'; valid paths: auto, loop, small_batch, segment, grouped_mm"),
+        (dict(compute="cuda_magic"), r"unknown compute path 'cuda_magic'; valid paths: auto, loop, small_batch, segment, fused, grouped_mm"),
         (dict(d_model=6, compute="grouped_mm"), r"compute path 'grouped_mm' does not support"),
     ],
 )

@@ -44,7 +44,7 @@ class Case:
     routing: str = "uniform"
     dtype: str = "float32"
     device: str = "cpu"
-    paths: tuple[str, ...] = ("grouped_mm", "segment")
+    paths: tuple[str, ...] = ("fused", "grouped_mm", "segment")
     peers: tuple[str, ...] = ("mixtral:eager", "mixtral:grouped_mm", "mixtral:batched_mm")
 
     @property
@@ -63,7 +63,7 @@ def default_paths(device: str) -> tuple[str, ...]:
     """moekit paths worth timing on a device: those that can run there, fastest candidates."""
     # On a GPU the Triton path is slower than grouped_mm at every case (BENCHMARKS.md):
     # time it with --paths grouped_mm,triton.
-    return ("grouped_mm", "segment") if device == "cpu" else ("grouped_mm",)
+    return ("fused", "grouped_mm", "segment") if device == "cpu" else ("grouped_mm",)
 
 
 def default_cases(dtypes=("float32",), device: str = "cpu", paths: tuple[str, ...] | None = None) -> list[Case]:

@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let this process reuse freed memory instead of page-faulting it back in "
                    "(moekit.memory; the other commands always do, unless MOEKIT_KEEP_FREED_MEMORY=0)")
     p.add_argument("--paths", default="",
-                   help="comma-separated moekit compute paths to time (default: grouped_mm,segment on CPU, "
+                   help="comma-separated moekit compute paths to time (default: fused,grouped_mm,segment on CPU, "
                    "grouped_mm on a GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to run; cuda adds the scaled shape T=16384 D=2048 F=4096 (default: %(default)s)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import triton_glu
-from .ops import ACTIVATIONS, glu, segment_mlp
+from .ops import ACTIVATIONS, glu, routed_mlp, segment_mlp
 
 EXPERTS = ("swiglu", "geglu", "ffn")
 _GLU_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
@@ -143,6 +143,18 @@ class StackedExperts(nn.Module):
             b_in = None if b_in is None else b_in.to(cast)
             b_out = None if b_out is None else b_out.to(cast)
         return segment_mlp(x_RD, w_in, b_in, w_out, b_out, counts, self.activation, self.is_glu)
+
+    def forward_routed(self, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts: list[int]) -> Tensor:
+        """Tokens in, weighted sum of their experts' outputs out (``routed_mlp``):
+        ``order_R`` holds the routed assignments t·K + k sorted by expert, ``counts[e]``
+        for expert e. Returns (T, D) in the weights' dtype."""
+        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
+        cast = _autocast_dtype(x_TD.device.type)
+        if cast is not None:
+            x_TD, w_in, w_out = x_TD.to(cast), w_in.to(cast), w_out.to(cast)
+            b_in = None if b_in is None else b_in.to(cast)
+            b_out = None if b_out is None else b_out.to(cast)
+        return routed_mlp(x_TD, weights_TK, w_in, b_in, w_out, b_out, order_R, counts, self.activation, self.is_glu)
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, all experts in one ``grouped_mm`` per projection."""

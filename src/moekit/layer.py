@@ -3,7 +3,8 @@
 ``MoE(config)(x)`` takes (..., D) and returns ``MoEOutput(y, aux_loss, routing)``
 whatever the flags. Compute paths are registered by name in ``COMPUTE_PATHS``:
 ``loop`` is the readable reference, ``segment`` and ``grouped_mm`` sort rows by
-expert and run them as contiguous blocks; ``triton`` (optional, GPU) fuses the
+expert and run them as contiguous blocks; ``fused`` (CPU) gathers, runs and
+scatter-adds one expert at a time without (T·K, D) intermediates; ``triton`` (optional, GPU) fuses the
 row gather and un-permute into its grouped GEMMs; ``auto`` picks the fastest
 that supports the inputs. Every path is parity-tested against ``loop``.
 
@@ -28,6 +29,7 @@ from .experts import (
     _autocast_dtype,
     grouped_mm_supports,
 )
+from .memory import freed_memory_kept
 from .routing import (
     AnyRouting,
     ExpertChoiceRouting,
@@ -229,6 +231,16 @@ def _sorted_path(run_rows: Callable[[Tensor, Tensor], Tensor]):
     return path
 
 
+def fused_path(x_TD, routing, experts, capacity, drop_priority, out_dtype, group_size=None) -> PathResult:
+    """Sorted like ``segment``, with each expert's token gather, MLP and weighted
+    scatter-add fused in one autograd node (``moekit.ops.routed_mlp``): no (R, D)
+    tensor is built, forward or backward."""
+    plan = _plan(routing, experts, capacity, drop_priority, group_size)
+    counts = plan.counts_E.tolist()  # NOTE: .tolist() syncs with the device
+    y_TD = experts.forward_routed(x_TD, routing.weights_TK, plan.order_R, counts)
+    return y_TD.to(out_dtype), plan.counts_E, plan.kept_TK, plan.num_dropped
+
+
 def _run_segments(experts, x_RD: Tensor, counts_E: Tensor) -> Tensor:
     return experts.forward_segments(x_RD, counts_E.tolist())  # NOTE: .tolist() syncs
 
@@ -305,6 +317,11 @@ COMPUTE_PATHS: dict[str, ComputePath] = {
     "loop": ComputePath(loop_path, lambda experts, x: True),
     "small_batch": ComputePath(small_batch_path, lambda experts, x: True),
     "segment": ComputePath(_sorted_path(_run_segments), lambda experts, x: True),
+    "fused": ComputePath(
+        fused_path,
+        lambda experts, x: isinstance(experts, StackedExperts),
+        "fused needs stacked experts",
+    ),
     "grouped_mm": ComputePath(
         _sorted_path(_run_grouped),
         lambda experts, x: grouped_mm_supports(experts, _compute_dtype(x)),
@@ -331,6 +348,7 @@ AUTO_ORDER = ("grouped_mm", "segment", "loop")
 
 ROW_RUNNERS: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
     "segment": _run_segments,
+    "fused": _run_segments,
     "small_batch": _run_segments,
     "grouped_mm": _run_grouped,
     "triton": _run_triton,
@@ -386,11 +404,34 @@ def soft_compute(
 # (measured at the standard and fine-grained shapes, BENCHMARKS.md).
 
 
+# On CPU, "auto" runs "fused" when the (T·K, D) row tensors of the sorted paths
+# would be at least 32 MiB: glibc maps blocks that large fresh and unmaps them on
+# free, so each step page-faults them in again, which costs more than fused's
+# per-expert loop (fine-grained shape: 1.2× faster forward + backward). With
+# moekit.memory.keep_freed_memory() in effect, and for 16-bit inputs, grouped_mm
+# is as fast or faster (BENCHMARKS.md, "The fused path").
+FUSED_MIN_ROW_BYTES = 32 << 20
+
+
+def _prefers_fused(experts: nn.Module, x_TD: Tensor, top_k: int) -> bool:
+    itemsize = _compute_dtype(x_TD).itemsize
+    return (
+        x_TD.device.type == "cpu"
+        and isinstance(experts, StackedExperts)
+        and itemsize >= 4
+        and x_TD.shape[0] * top_k * x_TD.shape[1] * itemsize >= FUSED_MIN_ROW_BYTES
+        and not freed_memory_kept()
+        and not torch.compiler.is_compiling()  # its host-side loop would break the graph
+    )
+
+
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1) -> str:
     if name == "auto":
         # One decoding step on CPU; on a GPU, small_batch's host syncs cost more than they save.
         if x_TD.shape[0] == 1 and x_TD.device.type == "cpu":
             return "small_batch"
+        if _prefers_fused(experts, x_TD, top_k):
+            return "fused"
         for candidate in AUTO_ORDER:
             if COMPUTE_PATHS[candidate].supports(experts, x_TD):
                 return candidate

@@ -244,3 +244,141 @@ def gather_tokens(x_TD: Tensor, order_R: Tensor, top_k: int, inverse_R: Tensor |
     if not (torch.is_grad_enabled() and x_TD.requires_grad):
         return x_TD.index_select(0, order_R // top_k)
     return _GatherTokens.apply(x_TD, order_R, top_k, inverse_R)
+
+
+def _activation_into(h_NH: Tensor, activation: str, glu: bool, out_NF: Tensor) -> Tensor:
+    """act(h), or act(gate)·up for GLU, written into ``out_NF``."""
+    if not glu:
+        return _act_out(h_NH, activation, out_NF)
+    gate, up = h_NH.chunk(2, dim=-1)
+    return _act_out(gate, activation, out_NF).mul_(up)
+
+
+class _RoutedMLP(torch.autograd.Function):
+    """See ``routed_mlp``. Per expert e, on its n routed rows (tokens ``tok``, gate
+    weights ``w``): x_e = x[tok], h_e = x_e·w_inᵀ + b_in, a_e = act(h_e),
+    y[tok] += w·(a_e·w_outᵀ + b_out). Only h (R, H) is stored; x_e and a_e are
+    recomputed in backward, where dw = <dy[tok]·w_out, a_e> + dy[tok]·b_out
+    needs no expert output either."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_in_EHD, b_in_EH, w_out_EDF, b_out_ED, order_R, counts, activation, glu):
+        T, K = weights_TK.shape
+        D, F_ = w_out_EDF.shape[1:]
+        R = order_R.shape[0]
+        token_R = order_R // K
+        weights_R = weights_TK.reshape(-1).index_select(0, order_R)
+        bounds = _bounds(counts)
+        longest = max(counts, default=0)
+        # Per-expert buffers of at most `longest` rows, reused across experts: they
+        # stay in cache, and no (R, D) tensor is ever allocated (on CPU each fresh
+        # large allocation is paid again in page faults).
+        x_buf = x_TD.new_empty(longest, D)
+        a_buf = x_TD.new_empty(longest, F_)
+        y_buf = x_TD.new_empty(longest, D)
+        h_RH = x_TD.new_empty(R, w_in_EHD.shape[1])
+        y_TD = x_TD.new_zeros(T, D, dtype=weights_TK.dtype)
+        for e, (start, stop) in enumerate(bounds):
+            n = stop - start
+            if n == 0:
+                continue
+            tok_N, w_N1 = token_R[start:stop], weights_R[start:stop, None]
+            x_ND = torch.index_select(x_TD, 0, tok_N, out=x_buf[:n])
+            h_NH = h_RH[start:stop]
+            if b_in_EH is None:
+                torch.mm(x_ND, w_in_EHD[e].t(), out=h_NH)
+            else:
+                torch.addmm(b_in_EH[e], x_ND, w_in_EHD[e].t(), out=h_NH)
+            a_NF = _activation_into(h_NH, activation, glu, a_buf[:n])
+            if b_out_ED is None:
+                y_ND = torch.mm(a_NF, w_out_EDF[e].t(), out=y_buf[:n])
+            else:
+                y_ND = torch.addmm(b_out_ED[e], a_NF, w_out_EDF[e].t(), out=y_buf[:n])
+            y_ND = y_ND.mul_(w_N1) if y_ND.dtype == y_TD.dtype else y_ND.to(y_TD.dtype).mul_(w_N1)
+            y_TD.index_add_(0, tok_N, y_ND)
+        ctx.save_for_backward(x_TD, weights_R, order_R, h_RH, w_in_EHD, w_out_EDF, b_out_ED)
+        ctx.bounds, ctx.longest, ctx.activation, ctx.glu = bounds, longest, activation, glu
+        ctx.has_bias, ctx.top_k = (b_in_EH is not None, b_out_ED is not None), K
+        ctx.weights_dtype = weights_TK.dtype
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_y_TD):
+        x_TD, weights_R, order_R, h_RH, w_in_EHD, w_out_EDF, b_out_ED = ctx.saved_tensors
+        T, D = x_TD.shape
+        K, n_max, dtype = ctx.top_k, ctx.longest, x_TD.dtype
+        token_R = order_R // K
+        F_ = w_out_EDF.shape[-1]
+        grad_y_buf = grad_y_TD.new_empty(n_max, D)
+        x_buf, grad_x_buf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, D)
+        a_buf, grad_a_buf = x_TD.new_empty(n_max, F_), x_TD.new_empty(n_max, F_)
+        need_x = ctx.needs_input_grad[0]
+        # K rows add into each token's gradient: accumulate 16-bit inputs in float32.
+        accumulate = torch.float32 if dtype.itemsize < 4 else dtype
+        grad_x_TD = x_TD.new_zeros(T, D, dtype=accumulate) if need_x else None
+        grad_weights_R = weights_R.new_empty(weights_R.shape)
+        grad_w_in, grad_w_out = torch.empty_like(w_in_EHD), torch.empty_like(w_out_EDF)
+        grad_b_in = w_in_EHD.new_zeros(w_in_EHD.shape[:2]) if ctx.has_bias[0] else None
+        grad_b_out = w_out_EDF.new_zeros(w_out_EDF.shape[:2]) if ctx.has_bias[1] else None
+        for e, (start, stop) in enumerate(ctx.bounds):
+            n = stop - start
+            if n == 0:
+                grad_w_in[e].zero_()
+                grad_w_out[e].zero_()
+                continue
+            tok_N, w_N1 = token_R[start:stop], weights_R[start:stop, None]
+            h_NH = h_RH[start:stop]
+            g_ND = torch.index_select(grad_y_TD, 0, tok_N, out=grad_y_buf[:n])  # dL/dy of these tokens
+            g_c = g_ND if g_ND.dtype == dtype else g_ND.to(dtype)
+            a_NF = _activation_into(h_NH, ctx.activation, ctx.glu, a_buf[:n])
+            u_NF = torch.mm(g_c, w_out_EDF[e], out=grad_a_buf[:n])  # dL/da before the gate weight
+            grad_w = (u_NF * a_NF).sum(1, dtype=grad_weights_R.dtype)
+            if b_out_ED is not None:
+                grad_w += g_c @ b_out_ED[e].to(g_c.dtype)
+            grad_weights_R[start:stop] = grad_w
+            # dL/d(expert output) = w·dL/dy
+            g_c = g_ND.mul_(w_N1) if g_ND.dtype == dtype else (g_ND * w_N1).to(dtype)
+            torch.mm(g_c.t(), a_NF, out=grad_w_out[e])
+            if grad_b_out is not None:
+                grad_b_out[e] = g_c.sum(0)
+            grad_h_NH = _activation_backward(h_NH, u_NF.mul_(w_N1.to(dtype)), ctx.activation, ctx.glu)
+            x_ND = torch.index_select(x_TD, 0, tok_N, out=x_buf[:n])
+            torch.mm(grad_h_NH.t(), x_ND, out=grad_w_in[e])
+            if grad_b_in is not None:
+                grad_b_in[e] = grad_h_NH.sum(0)
+            if need_x:
+                grad_x_ND = torch.mm(grad_h_NH, w_in_EHD[e], out=grad_x_buf[:n])
+                grad_x_TD.index_add_(0, tok_N, grad_x_ND.to(accumulate))
+        grad_weights_TK = None
+        if ctx.needs_input_grad[1]:
+            grad_weights_TK = weights_R.new_zeros(T * K).index_copy_(0, order_R, grad_weights_R).view(T, K)
+        if grad_x_TD is not None:
+            grad_x_TD = grad_x_TD.to(dtype)
+        return grad_x_TD, grad_weights_TK, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None
+
+
+def routed_mlp(
+    x_TD: Tensor,
+    weights_TK: Tensor,
+    w_in_EHD: Tensor,
+    b_in_EH: Tensor | None,
+    w_out_EDF: Tensor,
+    b_out_ED: Tensor | None,
+    order_R: Tensor,
+    counts: list[int],
+    activation: str,
+    glu: bool,
+) -> Tensor:
+    """``y_t = Σ_k weights_TK[t, k]·E_{e(t,k)}(x_t)`` over the routed assignments, one
+    autograd node from tokens to combined output, in the weights' dtype.
+
+    ``order_R`` lists the routed assignments (flat index t·K + k) sorted by
+    expert, ``counts[e]`` of them for expert e; the experts are MLPs as in
+    ``segment_mlp``. Each expert gathers its token rows, runs both projections
+    and adds its weighted output into y in cache-sized per-expert buffers: no
+    (R, D) gathered input, expert output or their gradients exist, which on CPU
+    saves both the memory passes and the page faults of fresh (R, D) tensors.
+    Runs one expert at a time from host-side counts, so it suits the CPU.
+    """
+    return _RoutedMLP.apply(x_TD, weights_TK, w_in_EHD, b_in_EH, w_out_EDF, b_out_ED, order_R, counts,
+                            activation, glu)
