@@ -31,6 +31,18 @@ def test_load_balancing_loss_hand_computed():
     assert load_balancing_loss(probs, indices).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_load_balancing_loss_without_padding_equals_all_real_token_weights():
+    probs = torch.softmax(torch.randn(37, 6, dtype=f64), dim=-1).requires_grad_(True)
+    indices = torch.randint(0, 6, (37, 2))
+    fast = load_balancing_loss(probs, indices)
+    (fast_grad,) = torch.autograd.grad(fast, probs)
+    weighted = load_balancing_loss(probs, indices, torch.ones(37, dtype=f64))
+    (weighted_grad,) = torch.autograd.grad(weighted, probs)
+    torch.testing.assert_close(fast, weighted, rtol=1e-14, atol=0)
+    torch.testing.assert_close(fast_grad, weighted_grad, rtol=1e-14, atol=0)
+    assert load_balancing_loss(probs[:0], indices[:0]).item() == 0.0
+
+
 @pytest.mark.parametrize("E,K", [(4, 1), (8, 2), (6, 3)])
 def test_load_balancing_loss_extremes(E, K):
     T = 4 * E

@@ -602,10 +602,13 @@ class MoE(nn.Module):
         return MoEOutput(y_TD.view(x.shape), self._aux_loss(routing, x_TD), routing)
 
     def _aux_loss(self, routing: AnyRouting, x_TD: Tensor) -> Tensor:
-        aux_loss = x_TD.new_zeros((), dtype=routing.probs_TE.dtype)
+        aux_loss = None
         for name, coef in self.config.loss_coefficients.items():
             if coef != 0 and name in routing.losses:
-                aux_loss = aux_loss + coef * routing.losses[name]
+                term = coef * routing.losses[name]
+                aux_loss = term if aux_loss is None else aux_loss + term
+        if aux_loss is None:
+            return x_TD.new_zeros((), dtype=routing.probs_TE.dtype)
         return aux_loss
 
     @property
