@@ -82,7 +82,7 @@ def main() -> None:
         x = torch.randn(1, T, D, requires_grad=True)
         grad_y = torch.randn(1, T, D)
 
-        def step(module):
+        def step(module, x=x, grad_y=grad_y):
             def run():
                 x.grad = None
                 module.zero_grad(set_to_none=True)

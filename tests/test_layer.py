@@ -287,7 +287,7 @@ def test_fused_path_matches_loop_with_padding_bias_and_expanded_gradients(expert
     reference.load_state_dict(moe.state_dict())
     layer(x).y.sum().backward()
     reference(x).y.sum().backward()
-    for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 

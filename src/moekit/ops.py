@@ -4,7 +4,9 @@
 node: per-expert matrix multiplies write into preallocated buffers, gradients
 of the stacked weights are written in place (no per-expert zero tensors, no
 concatenations), and the activation is recomputed in backward from the
-pre-activation instead of being stored. ``permute_rows`` and
+pre-activation instead of being stored. ``routed_mlp`` goes one step further:
+from tokens to the combined output in one node, one expert at a time, with no
+(R, D) tensor at all. ``permute_rows`` and
 ``gather_tokens`` replace indexing whose autograd backward would be a serial
 scatter-add with gathers by the inverse permutation.
 
