@@ -134,26 +134,25 @@ class StackedExperts(nn.Module):
         h = F.linear(x_ND, self.w_in[e], b_in)
         return F.linear(self._hidden(h), self.w_out[e], b_out)
 
+    def _autocast_operands(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x, w_in, b_in, w_out, b_out in autocast's dtype when it is on: the hand-written
+        ops below call matrix multiplies with ``out=``, which autocast does not cast."""
+        operands = (x, self.w_in, self.b_in, self.w_out, self.b_out)
+        cast = _autocast_dtype(x.device.type)
+        if cast is None:
+            return operands
+        return tuple(None if t is None else t.to(cast) for t in operands)
+
     def forward_segments(self, x_RD: Tensor, counts: list[int]) -> Tensor:
         """Rows sorted by expert, one matrix multiply per non-empty expert, fused backward."""
-        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
-        cast = _autocast_dtype(x_RD.device.type)
-        if cast is not None:
-            x_RD, w_in, w_out = x_RD.to(cast), w_in.to(cast), w_out.to(cast)
-            b_in = None if b_in is None else b_in.to(cast)
-            b_out = None if b_out is None else b_out.to(cast)
+        x_RD, w_in, b_in, w_out, b_out = self._autocast_operands(x_RD)
         return segment_mlp(x_RD, w_in, b_in, w_out, b_out, counts, self.activation, self.is_glu)
 
     def forward_routed(self, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts: list[int]) -> Tensor:
         """Tokens in, weighted sum of their experts' outputs out (``routed_mlp``):
         ``order_R`` holds the routed assignments t·K + k sorted by expert, ``counts[e]``
         for expert e. Returns (T, D) in the weights' dtype."""
-        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
-        cast = _autocast_dtype(x_TD.device.type)
-        if cast is not None:
-            x_TD, w_in, w_out = x_TD.to(cast), w_in.to(cast), w_out.to(cast)
-            b_in = None if b_in is None else b_in.to(cast)
-            b_out = None if b_out is None else b_out.to(cast)
+        x_TD, w_in, b_in, w_out, b_out = self._autocast_operands(x_TD)
         return routed_mlp(x_TD, weights_TK, w_in, b_in, w_out, b_out, order_R, counts, self.activation, self.is_glu)
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:

@@ -4,9 +4,9 @@
 whatever the flags. Compute paths are registered by name in ``COMPUTE_PATHS``:
 ``loop`` is the readable reference, ``segment`` and ``grouped_mm`` sort rows by
 expert and run them as contiguous blocks; ``fused`` (CPU) gathers, runs and
-scatter-adds one expert at a time without (T·K, D) intermediates; ``triton`` (optional, GPU) fuses the
-row gather and un-permute into its grouped GEMMs; ``auto`` picks the fastest
-that supports the inputs. Every path is parity-tested against ``loop``.
+scatter-adds one expert at a time without (T·K, D) intermediates; ``triton``
+(optional, GPU) fuses the row gather and un-permute into its grouped GEMMs;
+``auto`` picks the fastest that supports the inputs. Every path is parity-tested against ``loop``.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 """

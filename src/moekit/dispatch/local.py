@@ -91,7 +91,7 @@ def plan_dispatch(
     if capacity is None and valid_T is None and active_TK is None:
         order_R = torch.argsort(sort_keys(flat_E, num_experts), stable=True)
         counts_E = torch.zeros(num_experts, dtype=torch.long, device=device)
-        counts_E.scatter_add_(0, flat_E, flat_E.new_ones(()).expand_as(flat_E))
+        counts_E.scatter_add_(0, flat_E, torch.ones_like(flat_E))
         inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=device))
         no_drops = torch.zeros((), dtype=torch.long, device=device)
         return DispatchPlan(order_R, counts_E, None, no_drops, K, inverse_R)

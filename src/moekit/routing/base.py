@@ -204,7 +204,8 @@ class Router(nn.Module):
         # Selective precision (Switch): gate math in float32 (float64 stays float64),
         # never under autocast.
         dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
-        if not torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs a decode step 5 %
+        # Entering the context costs about 15 µs, 5 % of a small decoding step: only when needed.
+        if not torch.is_autocast_enabled(x_TD.device.type):
             return self._route_in(dtype, x_TD, valid_T, **kwargs)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return self._route_in(dtype, x_TD, valid_T, **kwargs)
