@@ -229,7 +229,7 @@ def test_heterogeneous_experts_match_by_hand():
         torch.testing.assert_close(ref[0].y[t], expected)
     with pytest.raises(ValueError, match="grouped_mm"):
         MoE(d_model=4, d_ff=1, top_k=2, experts=experts, compute="grouped_mm")
-    with pytest.raises(ValueError, match="fused needs stacked experts"):
+    with pytest.raises(ValueError, match="fused needs stacked experts and a CPU input"):
         MoE(d_model=4, d_ff=1, top_k=2, experts=experts, compute="fused")
 
 

@@ -319,8 +319,9 @@ COMPUTE_PATHS: dict[str, ComputePath] = {
     "segment": ComputePath(_sorted_path(_run_segments), lambda experts, x: True),
     "fused": ComputePath(
         fused_path,
-        lambda experts, x: isinstance(experts, StackedExperts),
-        "fused needs stacked experts",
+        # A per-expert loop from host-side counts: on a GPU grouped_mm does the same without a sync.
+        lambda experts, x: isinstance(experts, StackedExperts) and x.device.type in ("cpu", "meta"),
+        "fused needs stacked experts and a CPU input",
     ),
     "grouped_mm": ComputePath(
         _sorted_path(_run_grouped),
