@@ -67,7 +67,7 @@ def _blocks(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm"])
 def test_block_outputs_match(family, path):
     model = _model(family)
     for block in _blocks(model):
@@ -140,7 +140,7 @@ def _switch_model(expert_capacity=3):
     return model
 
 
-@pytest.mark.parametrize("path", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm"])
 def test_switch_block_matches_with_per_sequence_capacity(path):
     model = _switch_model()
     blocks = [m for m in model.modules() if type(m).__name__ == "SwitchTransformersSparseMLP"]

@@ -55,9 +55,10 @@ def _reached_TK(routing):
     return torch.ones_like(routing.indices_TK, dtype=torch.bool)
 
 
-# grouped_mm has no float64 kernel, so float64 parity runs on segment only.
-PATHS_AND_DTYPES = [("segment", torch.float32), ("grouped_mm", torch.float32), ("small_batch", torch.float32),
-                    ("segment", torch.float64), ("small_batch", torch.float64)]
+# grouped_mm has no float64 kernel, so float64 parity runs on the other paths.
+PATHS_AND_DTYPES = [("segment", torch.float32), ("fused", torch.float32), ("grouped_mm", torch.float32),
+                    ("small_batch", torch.float32), ("segment", torch.float64), ("fused", torch.float64),
+                    ("small_batch", torch.float64)]
 
 
 @pytest.mark.parametrize("path,dtype", PATHS_AND_DTYPES)

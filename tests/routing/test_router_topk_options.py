@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moekit import MoE, MoEConfig
 from moekit.routing.gshard import random_second_expert
 
-PATHS = ["loop", "segment", "grouped_mm", "small_batch"]
+PATHS = ["loop", "segment", "fused", "grouped_mm", "small_batch"]
 
 
 def test_random_second_expert_probability_is_twice_its_normalised_weight():
