@@ -301,7 +301,6 @@ class _RoutedMLP(torch.autograd.Function):
         ctx.save_for_backward(x_TD, weights_R, order_R, h_RH, w_in_EHD, w_out_EDF, b_out_ED)
         ctx.bounds, ctx.longest, ctx.activation, ctx.glu = bounds, longest, activation, glu
         ctx.has_bias, ctx.top_k = (b_in_EH is not None, b_out_ED is not None), K
-        ctx.weights_dtype = weights_TK.dtype
         return y_TD
 
     @staticmethod
