@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoE, MoEConfig
-from moekit.distributed import expert_parallel
+from moekit.parallel import expert_parallel
 from two_ranks import clock_all_to_alls, report, reset, run_two_ranks
 
 

@@ -69,7 +69,7 @@ def _timed_steps(trainer: Trainer, steps: int, warmup: int, on_warm=None) -> lis
 
 
 def _rank_main(rank, world, port, args, results):
-    from moekit.train.parallel import setup_parallel
+    from moekit.parallel import setup_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -24,17 +24,17 @@ import statistics
 
 import torch
 
-from moekit.bench import (
+from moekit.apps.bench import (
     FINE_GRAINED,
     STANDARD,
     DenseSwiGLU,
-    _force_moekit_routing,
     _hf_peer,
     fixed_assignment,
     median_times,
 )
 from moekit.config import MoEConfig
 from moekit.layer import MoE
+from moekit.routing import FixedRouting
 
 
 def gemm_steps(rows: int, d_model: int, d_ff: int, groups: int):
@@ -77,7 +77,7 @@ def main() -> None:
         torch.manual_seed(0)
         forced = fixed_assignment(T, E, K, "uniform")
         moe = MoE(MoEConfig(d_model=D, d_ff=F_, num_experts=E, top_k=K, load_balance_coef=0.0))
-        _force_moekit_routing(moe, forced)
+        moe.force_routing(FixedRouting(forced))
         dense = DenseSwiGLU(D, K * F_)
         x = torch.randn(1, T, D, requires_grad=True)
         grad_y = torch.randn(1, T, D)

@@ -12,7 +12,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from moekit.kernels.triton_glu import glu
+from moekit.compute.kernels.triton_glu import glu
 
 TORCH_ACT = {"silu": F.silu, "gelu": F.gelu}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.bench import Case, format_case, machine_info, run_case
+from moekit.apps.bench import Case, format_case, machine_info, run_case
 
 
 def main(argv=None) -> dict:

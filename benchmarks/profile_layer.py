@@ -13,19 +13,19 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moekit.bench import (
+from moekit.apps.bench import (
     FINE_GRAINED,
     SCALED,
     STANDARD,
     Case,
     DenseSwiGLU,
-    _force_moekit_routing,
     _hf_peer,
     fixed_assignment,
     synchronize,
 )
 from moekit.config import MoEConfig
 from moekit.layer import MoE
+from moekit.routing import FixedRouting
 
 SHAPES = {"standard": STANDARD, "fine-grained": FINE_GRAINED, "scaled": SCALED,
           "decode": dict(STANDARD, tokens=1)}
@@ -55,7 +55,7 @@ def main() -> None:
     for path in filter(None, args.paths.split(",")):
         layer = MoE(MoEConfig(**{**base.config.__dict__, "compute": path})).to(device, dtype)
         layer.load_state_dict(base.state_dict())
-        _force_moekit_routing(layer, forced)
+        layer.force_routing(FixedRouting(forced))
         impls[f"moekit {path}"] = lambda x, m=layer: m(x).y
     if args.peer:
         impls[f"transformers {args.peer}"] = _hf_peer(base, args.peer, forced)

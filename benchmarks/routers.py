@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from moekit import MoE, MoEConfig, StackedExperts  # noqa: E402
-from moekit.bench import machine_info, median_times  # noqa: E402
+from moekit.apps.bench import machine_info, median_times  # noqa: E402
 
 ROUTER_FIELDS = {
     "softmax": {"router": "softmax"},

@@ -8,14 +8,15 @@ import time
 
 import torch.multiprocessing as mp
 
-import moekit.dispatch.expert_parallel as ep_module
+import moekit.parallel.collectives as collectives
+import moekit.parallel.dispatcher as dispatcher
 
 
 def clock_all_to_alls(rank: int) -> dict:
     """Wrap the dispatcher's all-to-all in this process; returns the running totals.
     Row all-to-alls count the bytes sent to other ranks (not to itself)."""
     clock = {"seconds": 0.0, "forward_bytes": 0, "backward_bytes": 0, "calls": 0}
-    plain_all_to_all = ep_module._all_to_all
+    plain_all_to_all = collectives.all_to_all
 
     def timed_all_to_all(out, inp, recv_splits, send_splits, group, what):
         start = time.perf_counter()
@@ -28,7 +29,8 @@ def clock_all_to_alls(rank: int) -> dict:
             clock[key] += sum(n for p, n in enumerate(send_splits) if p != rank) * row_bytes
         return result
 
-    ep_module._all_to_all = timed_all_to_all
+    # The row exchange calls it from collectives, the count exchange from the dispatcher.
+    collectives.all_to_all = dispatcher.all_to_all = timed_all_to_all
     return clock
 
 

@@ -114,7 +114,7 @@ def test_bench_on_cuda_without_a_gpu_says_so(tmp_path, capsys, monkeypatch):
 
 
 def test_gpu_cases_put_the_scaled_shape_first_and_leave_out_batched_mm():
-    from moekit.bench import SCALED, default_cases
+    from moekit.apps.bench import SCALED, default_cases
 
     cases = default_cases(("bfloat16",), device="cuda")
     assert [c.name for c in cases[:2]] == ["scaled uniform", "scaled skewed"]

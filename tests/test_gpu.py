@@ -12,7 +12,8 @@ import torch
 from tests.helpers import assert_close_dicts, run_path
 
 from moekit import MoE, MoEConfig
-from moekit.layer import COMPUTE_PATHS, resolve_path
+from moekit.compute import switches
+from moekit.compute.paths import COMPUTE_PATHS, resolve_path
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,7 @@ def _needs_cuda():
 
 
 def _paths(moe, x):
-    return [p for p in COMPUTE_PATHS if p != "loop" and COMPUTE_PATHS[p].supports(moe.experts, x)]
+    return [p for p in COMPUTE_PATHS if p != "loop" and COMPUTE_PATHS[p].missing(moe.experts, x) is None]
 
 
 @pytest.mark.parametrize("router", ["topk", "softmax", "switch", "sigmoid", "expert_choice", "soft"])
@@ -66,7 +67,7 @@ def test_gpu_matches_cpu_in_fp32():
     moe = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, load_balance_coef=1e-2))
     x = torch.randn(3, 40, 32)
     cpu, cpu_grads = run_path(moe, "loop", x)
-    gpu, gpu_grads = run_path(moe.cuda(), resolve_path("auto", moe.experts, x.cuda(), 2), x.cuda())
+    gpu, gpu_grads = run_path(moe.cuda(), resolve_path("auto", moe.experts, x.cuda(), 2).name, x.cuda())
     torch.testing.assert_close(gpu.y.cpu(), cpu.y, rtol=1e-4, atol=1e-4)
     assert torch.equal(gpu.routing.indices_TK.cpu(), cpu.routing.indices_TK)
     assert_close_dicts({k: v.cpu() for k, v in gpu_grads.items()}, cpu_grads, rtol=1e-3, atol=1e-3)
@@ -95,7 +96,7 @@ def test_gpu_training_step_of_the_language_model_reduces_the_loss():
 def test_auto_avoids_host_syncs_on_the_gpu_even_for_a_handful_of_tokens():
     moe = MoE(MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2)).cuda().to(torch.bfloat16)
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
-    assert resolve_path("auto", moe.experts, x, top_k=2) == "grouped_mm"
+    assert resolve_path("auto", moe.experts, x, top_k=2).name == "grouped_mm"
     moe(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -110,16 +111,11 @@ def test_auto_avoids_host_syncs_on_the_gpu_even_for_a_handful_of_tokens():
 
 @pytest.mark.parametrize("expert", ["swiglu", "geglu"])
 def test_fused_glu_kernel_matches_the_torch_activation_inside_the_layer(expert):
-    from moekit.kernels import triton_glu
-
     moe = MoE(MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2, expert=expert)).cuda()
     x = torch.randn(2048, 256, device="cuda")
     results = {}
-    try:
-        for fused in (False, True):
-            triton_glu.FUSED = fused
+    for fused in (False, True):
+        with switches.fused_glu(fused):
             results[fused] = run_path(moe, "grouped_mm", x)
-    finally:
-        triton_glu.FUSED = None
     torch.testing.assert_close(results[True][0].y, results[False][0].y, rtol=1e-5, atol=1e-5)
     assert_close_dicts(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)

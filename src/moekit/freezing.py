@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .experts import StackedExperts
+from .experts import Experts
 from .layer import MoE
 
 
@@ -36,7 +36,7 @@ def _expert_ids(frozen, num_experts: int) -> Tensor:
     return frozen
 
 
-def freeze_experts(experts: StackedExperts | MoE, frozen: list[int] | Tensor) -> list:
+def freeze_experts(experts: Experts | MoE, frozen: list[int] | Tensor) -> list:
     """Zero the gradient of the ``frozen`` experts' rows of every stacked weight.
 
     The experts are one (E, …) parameter each, so ``requires_grad`` cannot freeze
@@ -48,10 +48,11 @@ def freeze_experts(experts: StackedExperts | MoE, frozen: list[int] | Tensor) ->
     """
     if isinstance(experts, MoE):
         experts = experts.experts
-    if not isinstance(experts, StackedExperts):
-        raise TypeError("freezing experts needs stacked experts; these are arbitrary modules")
+    if not experts.shardable:
+        raise TypeError(f"freezing some experts needs every weight stacked by expert (Experts.shardable); "
+                        f"{type(experts).__name__} does not declare it")
     frozen = _expert_ids(frozen, experts.num_experts)
-    return _freeze_rows((experts.w_in, experts.w_out, experts.b_in, experts.b_out), experts.num_experts, frozen)
+    return _freeze_rows(experts.parameters(), experts.num_experts, frozen)
 
 
 def freeze_router_rows(moe: MoE, frozen: list[int] | Tensor) -> list:

@@ -40,7 +40,7 @@ def test_grown_model_equals_the_original_on_the_captured_data():
     model = _model(4)
     batches = _batches()
     grown = grow_lm(model, 2, capture_moe_inputs(model, batches)).eval()
-    assert grown.config.moe.num_experts == 6 and grown.config.moe.router_logit_bias
+    assert grown.config.moe.num_experts == 6 and grown.config.moe.router_options.logit_bias
     for x_BS, _ in batches:
         out = grown(x_BS)
         # The renormalised top-k weights round differently in the last bit (the softmax

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit import MoEConfig
+from moekit import MoE, MoEConfig
 from moekit.routing.sigmoid import sequence_balance_loss
 
 BASE = {"d_model": 4, "d_ff": 4, "num_experts": 4}
@@ -29,8 +29,9 @@ def test_bad_values_are_named(fields, error, message):
 
 @pytest.mark.parametrize("tokens,factor,expected", [(10, None, 5), (10, 0.1, 1), (10, 3.0, 8), (10, 9.0, 10)])
 def test_expert_choice_capacity_is_ceil_factor_t_over_e_within_1_and_t(tokens, factor, expected):
-    config = MoEConfig(**BASE, top_k=2, router="expert_choice", capacity_factor=factor)
-    assert config.expert_choice_capacity(tokens) == expected
+    moe = MoE(MoEConfig(**BASE, top_k=2, router="expert_choice", capacity_factor=factor))
+    assert moe.router.capacity(tokens) == expected
+    assert moe.config.capacity_factor is None  # expert choice's own option, not dispatch capacity
 
 
 def test_sequence_length_must_divide_the_tokens():

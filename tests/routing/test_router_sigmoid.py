@@ -22,7 +22,7 @@ def logit(p: float) -> float:
 
 def _router(**fields) -> SigmoidRouter:
     fields = {"d_model": 4, "d_ff": 4, "num_experts": 4, "top_k": 2, "router": "sigmoid", **fields}
-    router = SigmoidRouter(MoEConfig(**fields)).double()
+    router = SigmoidRouter.from_config(MoEConfig(**fields)).double()
     with torch.no_grad():
         router.weight.copy_(torch.eye(fields["num_experts"], fields["d_model"]))
     return router
@@ -104,7 +104,7 @@ def _skewed_router(seed: int = 0):
     """A router whose affinities favour low-numbered experts for nearly every token."""
     torch.manual_seed(seed)
     E, D = 8, 8
-    router = SigmoidRouter(MoEConfig(d_model=D, d_ff=4, num_experts=E, top_k=2, router="sigmoid",
+    router = SigmoidRouter.from_config(MoEConfig(d_model=D, d_ff=4, num_experts=E, top_k=2, router="sigmoid",
                                      bias_update_rate=0.003))
     x = torch.randn(512, D) * 0.5
     x[:, 0] = 1.0

@@ -58,7 +58,7 @@ def test_declined_second_expert_contributes_nothing_and_is_not_a_drop(router, co
 def test_random_second_expert_config_errors():
     with pytest.raises(ValueError, match="top_k = 2; got top_k \\(3\\)"):
         MoEConfig(d_model=4, d_ff=4, num_experts=4, top_k=3, second_expert_policy="random")
-    with pytest.raises(ValueError, match="not 'sigmoid'"):
+    with pytest.raises(ValueError, match="option of router 'topk' / 'noisy_topk', not of 'sigmoid'"):
         MoEConfig(d_model=4, d_ff=4, num_experts=4, router="sigmoid", second_expert_policy="random")
     with pytest.raises(ValueError, match="second_expert_policy \\('sometimes'\\)"):
         MoEConfig(d_model=4, d_ff=4, num_experts=4, second_expert_policy="sometimes")

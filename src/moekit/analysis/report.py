@@ -146,19 +146,31 @@ def plot_load(view: RunView, out: Path) -> str:
     return _save(fig, out / f"load_{view.slug}.png")
 
 
+def routing_entropy(record: dict, num_experts: int) -> list[float] | None:
+    """A metrics line's routing entropy per MoE layer, normalised by log E (``routing.stats``'
+    definition); runs logged before it was the one definition logged nats as ``entropy``."""
+    if "routing_entropy" in record:
+        return record["routing_entropy"]
+    if "entropy" in record:
+        return [e / math.log(num_experts) if num_experts > 1 else 0.0 for e in record["entropy"]]
+    return None
+
+
 def plot_entropy(view: RunView, out: Path) -> str:
-    records = [r for r in view.metrics if "entropy" in r]
     E, K = view.model_config.moe.num_experts, view.model_config.moe.top_k
+    records = [(r["step"], routing_entropy(r, E)) for r in view.metrics if routing_entropy(r, E) is not None]
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
-    steps = [r["step"] for r in records]
-    for layer in range(len(records[0]["entropy"])):
-        ax.plot(steps, [r["entropy"][layer] for r in records], lw=1.6, label=f"block {view.routing_layers[layer]}")
-    ax.axhline(math.log(E), color="grey", ls="--", lw=1)
-    ax.text(steps[-1], math.log(E), f"uniform over {E} (log E)", ha="right", va="bottom", color="grey", fontsize=8)
-    ax.axhline(math.log(K), color="grey", ls=":", lw=1)
-    ax.text(steps[-1], math.log(K), f"uniform over {K} (log K)", ha="right", va="bottom", color="grey", fontsize=8)
-    ax.set(xlabel="step", ylabel="nats", title="Router entropy per token (training batches)")
-    ax.set_ylim(0, math.log(E) * 1.08)
+    steps = [step for step, _ in records]
+    for layer in range(len(records[0][1])):
+        ax.plot(steps, [entropy[layer] for _, entropy in records], lw=1.6, label=f"block {view.routing_layers[layer]}")
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.text(steps[-1], 1.0, f"uniform over {E}", ha="right", va="bottom", color="grey", fontsize=8)
+    uniform_k = math.log(K) / math.log(E) if E > 1 else 0.0
+    ax.axhline(uniform_k, color="grey", ls=":", lw=1)
+    ax.text(steps[-1], uniform_k, f"uniform over {K} (log K / log E)", ha="right", va="bottom", color="grey",
+            fontsize=8)
+    ax.set(xlabel="step", ylabel="entropy / log E", title="Router entropy per token (training batches)")
+    ax.set_ylim(0, 1.08)
     ax.legend(ncol=2, fontsize=8)
     return _save(fig, out / f"entropy_{view.slug}.png")
 

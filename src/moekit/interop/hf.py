@@ -20,15 +20,17 @@ moekit uses, so weights copy without reshaping:
   only the choice of experts, group-limited routing, routed scaling factor,
   shared experts;
 - Switch Transformers (``SwitchTransformersSparseMLP``): top-1 router with
-  input jitter, ReLU FFN experts (one module each, stacked here), an absolute
-  expert capacity applied per sequence with position priority.
+  input jitter (and, with ``router_bias``, a logit bias), ReLU FFN experts (one
+  module each, stacked here), an absolute expert capacity applied per sequence
+  with position priority.
 
 Shapes: D model dim, F expert hidden dim, E experts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,9 +42,19 @@ from ..layer import MoE
 _HF_ACTIVATION_TO_EXPERT = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 
 
+def _topk_fields(config: Any) -> dict:
+    return {"load_balance_coef": float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)}
+
+
+def _sigmoid_fields(config: Any) -> dict:
+    return dict(num_expert_groups=config.n_group, topk_groups=config.topk_group,
+                routed_scaling_factor=float(config.routed_scaling_factor), load_balance_coef=0.0)
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one transformers MoE block maps onto a moekit layer."""
+    """How one transformers MoE block maps onto a moekit layer: the router, and the
+    MoEConfig fields (router options and loss weights) its config gives."""
 
     name: str
     block_class: str
@@ -51,6 +63,7 @@ class Family:
     expert_size_attr: str
     always_normalize: bool = False
     router: str = "topk"
+    router_fields: Callable[[Any], dict] = field(default=_topk_fields)
     shared: str | None = None  # None, "qwen2" (one gated shared expert) or "deepseek"
 
     def block_type(self) -> type[nn.Module]:
@@ -71,7 +84,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "transformers.models.qwen2_moe.modeling_qwen2_moe",
                "num_experts", "moe_intermediate_size", shared="qwen2"),
         Family("deepseek_v3", "DeepseekV3MoE", "transformers.models.deepseek_v3.modeling_deepseek_v3",
-               "num_local_experts", "moe_intermediate_size", router="sigmoid", shared="deepseek"),
+               "num_local_experts", "moe_intermediate_size", router="sigmoid", router_fields=_sigmoid_fields,
+               shared="deepseek"),
         Family("switch_transformers", "SwitchTransformersSparseMLP",
                "transformers.models.switch_transformers.modeling_switch_transformers",
                "num_experts", "d_ff", router="switch"),
@@ -98,13 +112,12 @@ def _block_config(block: nn.Module, model_config: Any = None) -> Any:
 
 
 def _switch_config(config: Any, overrides: dict) -> MoEConfig:
-    if config.router_bias:
-        raise ValueError("Switch Transformers routers with router_bias=True are not supported (moekit gates have no bias)")
     fields = dict(
         d_model=config.d_model, d_ff=config.d_ff, num_experts=config.num_experts, router="switch",
         expert="ffn", activation=_hf_activation(config.dense_act_fn), expert_capacity=config.expert_capacity,
         capacity_per_sequence=True, drop_priority="position", router_jitter=float(config.router_jitter_noise),
-        load_balance_coef=float(config.router_aux_loss_coef), z_loss_coef=float(config.router_z_loss_coef),
+        router_logit_bias=bool(config.router_bias), load_balance_coef=float(config.router_aux_loss_coef),
+        z_loss_coef=float(config.router_z_loss_coef),
     )
     fields.update(overrides)
     return MoEConfig(**fields)
@@ -136,12 +149,8 @@ def config_from_hf(block: nn.Module, hf_config: Any = None, **overrides) -> MoEC
         router=family.router,
         expert=_HF_ACTIVATION_TO_EXPERT[activation],
         normalize_weights=normalize,
+        **family.router_fields(config),
     )
-    if family.router == "sigmoid":
-        fields.update(num_expert_groups=config.n_group, topk_groups=config.topk_group,
-                      routed_scaling_factor=float(config.routed_scaling_factor), load_balance_coef=0.0)
-    else:
-        fields["load_balance_coef"] = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     if family.shared == "qwen2":
         fields.update(num_shared_experts=1, shared_d_ff=config.shared_expert_intermediate_size,
                       shared_expert_gate=True)
@@ -188,6 +197,8 @@ def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair,
     """(transformers slot, moekit tensor) for every weight the two hold in common."""
     if type(block).__name__ == "SwitchTransformersSparseMLP":
         pairs = [(_Plain(block.router.classifier.weight), moe.router.weight)]
+        if block.router.classifier.bias is not None:
+            pairs.append((_Plain(block.router.classifier.bias), moe.router.logit_bias))
         for e in range(moe.config.num_experts):
             expert = block.experts[f"expert_{e}"]
             pairs.append((_Plain(expert.wi.weight), moe.experts.w_in[e]))

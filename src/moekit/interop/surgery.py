@@ -19,6 +19,7 @@ with ``w_in``/``w_out`` linears); gated MLPs with ``gate_proj``/``up_proj``/
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from ..config import MoEConfig
 from ..experts import StackedExperts
 from ..freezing import freeze_experts, freeze_router_rows  # noqa: F401  (part of surgery's API)
 from ..layer import MoE
+from ..routing import ROUTERS
 
 _HF_ACTIVATIONS = {
     "silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
@@ -58,7 +60,7 @@ def read_dense_ffn(ffn: nn.Module) -> DenseFFN:
     """Weights of a dense FFN in moekit's layout, from any supported module."""
     if isinstance(ffn, MoE):
         ffn = ffn.experts
-    if isinstance(ffn, StackedExperts):
+    if getattr(ffn, "stacked_mlp", False):
         if ffn.num_experts != 1:
             raise ValueError(f"a dense FFN has one expert; these StackedExperts have {ffn.num_experts}")
         return DenseFFN(ffn.w_in[0], ffn.w_out[0], None if ffn.b_in is None else ffn.b_in[0],
@@ -162,7 +164,7 @@ def measure_load(moe: MoE, batches) -> Tensor:
 
 
 def _stacked(moe: MoE) -> StackedExperts:
-    if not isinstance(moe.experts, StackedExperts):
+    if not moe.experts.stacked_mlp:
         raise TypeError("expert surgery needs stacked experts; these are arbitrary modules")
     return moe.experts
 
@@ -180,10 +182,9 @@ def keep_experts(moe: MoE, keep: list[int] | Tensor) -> MoE:
     E = moe.config.num_experts
     if keep.numel() == 0 or keep.unique().numel() != keep.numel() or keep.min() < 0 or keep.max() >= E:
         raise ValueError(f"keep ({keep.tolist()}) must list distinct expert ids in [0, {E})")
-    top_k = min(moe.config.top_k, keep.numel())
+    # A router with a fixed K (every expert, or one) keeps it; the others keep theirs, at most E.
+    top_k = None if moe.router.top_k_fixed else min(moe.config.top_k, keep.numel())
     fields = {**moe.config.__dict__, "num_experts": keep.numel(), "top_k": top_k}
-    if moe.config.router == "softmax":
-        fields["top_k"] = keep.numel()
     pruned = MoE(MoEConfig(**fields), name=moe.name).to(device=experts.w_in.device, dtype=experts.w_in.dtype)
     source_state = moe.state_dict()
     new_state = {}
@@ -244,13 +245,6 @@ def merge_most_similar(moe: MoE, x_ND: Tensor) -> tuple[MoE, tuple[int, int]]:
     return merged, (a, b)
 
 
-# Routers whose choice is the top K of the logits, so that a logit below every
-# token's K-th largest one is never chosen, and whose renormalised weights do not
-# depend on the logits left out. Switch's weight is the raw probability, whose
-# softmax denominator a new expert would change.
-GROWABLE_ROUTERS = ("topk", "noisy_topk")
-
-
 @torch.no_grad()
 def router_logits(moe: MoE, x_ND: Tensor) -> Tensor:
     """The router's logits (N, E) in float32 as in evaluation (no jitter, no noise)."""
@@ -291,10 +285,13 @@ def grow(moe: MoE, num_new: int, x_ND: Tensor, *, margin: float = 1.0, seed: int
     """
     experts = _stacked(moe)
     config = moe.config
-    if config.router not in GROWABLE_ROUTERS:
-        raise ValueError(f"grow supports the routers {', '.join(GROWABLE_ROUTERS)}; this layer's router is "
-                         f"{config.router!r}")
-    if not config.normalize_weights:
+    if not moe.router.growable:
+        # Growable routers choose the top K of the logits, so a logit below every token's K-th
+        # largest is never chosen, and their renormalised weights do not depend on the logits
+        # left out (Switch's weight is the raw probability, whose denominator a new expert changes).
+        growable = ", ".join(name for name, cls in ROUTERS.items() if cls.growable)
+        raise ValueError(f"grow supports the routers {growable}; this layer's router is {config.router!r}")
+    if not getattr(config.router_options, "normalize_weights", True):
         raise ValueError("grow needs normalize_weights=True: raw top-k probabilities change when experts are "
                          "added, so the output would not be preserved")
     if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
@@ -304,7 +301,8 @@ def grow(moe: MoE, num_new: int, x_ND: Tensor, *, margin: float = 1.0, seed: int
     if x_ND.numel() == 0:
         raise ValueError("grow needs representative inputs x_ND; got none")
     E, K = config.num_experts, config.top_k
-    fields = {**config.__dict__, "num_experts": E + num_new, "router_logit_bias": True}
+    options = dataclasses.replace(config.router_options, logit_bias=True)
+    fields = {**config.__dict__, "num_experts": E + num_new, "router_options": options}
     grown = MoE(MoEConfig(**fields), name=moe.name).to(device=experts.w_in.device, dtype=experts.w_in.dtype)
     generator = torch.Generator().manual_seed(seed)
     fresh = StackedExperts(num_new, config.d_model, config.d_ff, kind=experts.kind, activation=experts.activation,

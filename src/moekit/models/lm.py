@@ -26,20 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from ..layer import MoE
-from ..routing import ROUTERS, Routing
-
-# Routers that look at other tokens of the batch to route one token, so the
-# model would see the future in training and route differently at generation.
-NON_CAUSAL_ROUTERS = frozenset({"expert_choice", "soft"})
+from ..layer import MoE, MoERouting
+from ..routing import ROUTERS, router_class
 
 
 def router_is_causal(name: str) -> bool:
-    """Whether a router decides each token's experts from that token alone."""
-    router_cls = ROUTERS.get(name)
-    if router_cls is not None and hasattr(router_cls, "causal"):
-        return bool(router_cls.causal)
-    return name not in NON_CAUSAL_ROUTERS
+    """Whether a router decides each token's experts from that token alone: a router that
+    looks at later tokens would show the model the future in training and route
+    differently at generation."""
+    return router_class(name).causal
+
+
+def causal_routers() -> list[str]:
+    return sorted(name for name, cls in ROUTERS.items() if cls.causal)
 
 
 @dataclass(kw_only=True)
@@ -75,8 +74,8 @@ class LMConfig:
     router_init_std: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):  # from config.json
-            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.moe, dict):  # from config.json, nested or as older runs wrote it
+            self.moe = MoEConfig.from_dict(self.moe)
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,7 +93,7 @@ class LMConfig:
                 raise ValueError(
                     f"router {self.moe.router!r} is not causal: it routes a token using the other "
                     "tokens of the batch, which leaks the future into a language model; choose a "
-                    f"causal router ({', '.join(sorted(n for n in ROUTERS if router_is_causal(n)))})"
+                    f"causal router ({', '.join(causal_routers())})"
                 )
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -165,16 +164,15 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoE(config.moe, name=f"block {layer} MoE")
-            self.needs_token_ids = config.moe.router == "hash"  # hash routing reads token ids
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None, Routing | None]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None, MoERouting | None]:
         x = x + self.attn(self.norm_attn(x), cos, sin)
         h = self.norm_ffn(x)
         if not self.is_moe:
             return x + self.ffn(h), None, None
-        extra = {"token_ids": idx} if self.needs_token_ids else {}
+        extra = {"token_ids": idx} if self.ffn.router.needs_token_ids else {}
         out = self.ffn(h, **extra)
         return x + out.y, out.aux_loss, out.routing
 
@@ -182,12 +180,12 @@ class Block(nn.Module):
 class LMOutput(NamedTuple):
     """logits (B, S, V); loss: mean cross-entropy (None without targets);
     aux_loss: the MoE layers' weighted auxiliary losses, summed (0 for a dense model);
-    routings: one Routing per MoE block, in order."""
+    routings: one ``MoERouting`` per MoE block, in order."""
 
     logits: Tensor
     loss: Tensor | None
     aux_loss: Tensor
-    routings: list[Routing]
+    routings: list[MoERouting]
 
 
 class LanguageModel(nn.Module):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+SECOND_EXPERT_POLICIES = ("all", "random")
+
 
 def random_second_expert(weights_TK: Tensor) -> Tensor:
     """Which assignments to dispatch (T, 2), bool: the first always, the second at random."""
@@ -24,3 +26,10 @@ def random_second_expert(weights_TK: Tensor) -> Tensor:
     g2_T = w_TK[:, 1] / (w_TK[:, 0] + w_TK[:, 1]).clamp_min(torch.finfo(w_TK.dtype).tiny)
     second_T = torch.rand_like(g2_T) < 2.0 * g2_T
     return torch.stack([torch.ones_like(second_T), second_T], dim=1)
+
+
+def dispatched_assignments(policy: str, weights_TK: Tensor, training: bool) -> Tensor | None:
+    """Assignments to dispatch under ``second_expert_policy`` (None: all of them)."""
+    if policy == "random" and training:
+        return random_second_expert(weights_TK)
+    return None

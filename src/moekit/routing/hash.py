@@ -10,11 +10,36 @@ Shapes: T tokens, D model dim, E experts, K = 1 expert per token, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig
-from .base import Router, Routing
+from ..compute.precision import gate_dtype
+from .base import Router, RouterOptions
+from .records import Routing
+
+
+@dataclass(kw_only=True)
+class HashOptions(RouterOptions):
+    """Args:
+        vocab_size: number of token ids the fixed mapping covers (required).
+        seed: seed of the fixed random mapping.
+    """
+
+    flat_names: ClassVar[dict[str, str]] = {"vocab_size": "hash_vocab_size", "seed": "hash_seed"}
+    vocab_size: int | None = None
+    seed: int = 0
+
+    def validate(self, *, num_experts: int, top_k: int) -> None:
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise ValueError(
+                f"router 'hash' needs hash_vocab_size, a positive int (the number of token ids); "
+                f"got {self.vocab_size!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"hash_seed ({self.seed!r}) must be an int")
 
 
 def hash_table(vocab_size: int, num_experts: int, seed: int) -> Tensor:
@@ -24,21 +49,18 @@ def hash_table(vocab_size: int, num_experts: int, seed: int) -> Tensor:
 
 
 class HashRouter(Router):
-    def __init__(self, config: MoEConfig):
-        super().__init__(config)
-        # No learned gate: drop the base class's weight so no optimizer sees it.
-        del self.weight
-        self.vocab_size = config.hash_vocab_size
-        self.register_buffer("expert_of_token_V", hash_table(config.hash_vocab_size, config.num_experts, config.hash_seed))
+    Options = HashOptions
+    needs_token_ids = True
+    default_top_k = 1
+    top_k_fixed = True
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        *,
-        valid_T: Tensor | None = None,
-        token_ids_T: Tensor | None = None,
-        **kwargs,
-    ) -> Routing:
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = self.options.vocab_size
+        self.register_buffer("expert_of_token_V", hash_table(self.vocab_size, self.num_experts, self.options.seed))
+
+    def forward(self, x_TD: Tensor, *, valid_T: Tensor | None = None, sequence_length: int | None = None,
+                token_ids_T: Tensor | None = None) -> Routing:
         T = x_TD.shape[0]
         if token_ids_T is None:
             raise ValueError(
@@ -57,18 +79,13 @@ class HashRouter(Router):
         if bool(((ids_T < 0) | (ids_T >= self.vocab_size)).any()):
             bad = ids_T[(ids_T < 0) | (ids_T >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the hash table's range [0, {self.vocab_size})")
-        dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+        dtype = gate_dtype(x_TD)
         indices_TK = self.expert_of_token_V[ids_T][:, None]
         weights_TK = torch.ones(T, 1, dtype=dtype, device=x_TD.device)
         probs_TE = torch.zeros(T, self.num_experts, dtype=dtype, device=x_TD.device)
         probs_TE.scatter_(1, indices_TK, 1.0)
-        return Routing(
-            indices_TK=indices_TK,
-            weights_TK=weights_TK,
-            logits_TE=None,
-            probs_TE=probs_TE,
-            valid_T=valid_T,
-        )
+        return Routing(indices_TK=indices_TK, weights_TK=weights_TK, logits_TE=None, probs_TE=probs_TE,
+                       valid_T=valid_T)
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, num_experts={self.num_experts}, seed={self.config.hash_seed}"
+        return f"vocab_size={self.vocab_size}, num_experts={self.num_experts}, seed={self.options.seed}"

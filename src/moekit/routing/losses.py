@@ -1,92 +1,60 @@
-"""Auxiliary losses for routers, as pure functions of routing tensors.
+"""Auxiliary losses for routers, each a formula of sums over the batch's real tokens.
 
-Every function takes an optional float weight per token (1 real, 0 padding), so
-padding counts in no loss. Formulas: ../shared/REFERENCES.md.
+Every loss below is computed from named **sums** (per expert, or scalars) over
+the tokens of a batch, weighted 1 for real tokens and 0 for padding. A router
+reports the sums its losses need (``standard_sums`` for the usual ones), and
+``losses_from_sums`` applies the formulas. Because the formulas read only sums,
+expert parallelism gets the losses of the global batch by summing the sums over
+ranks (one all-reduce) and applying the same formulas: the definitions live
+here once. Formulas: ../shared/REFERENCES.md.
+
+Sums: ``tokens`` (real tokens), ``assigned_E`` (assignments per expert, each of
+the K choices counted, before capacity), ``prob_mass_E`` (Σ_t p_te),
+``z_squared`` (Σ_t (log Σ_e exp logit_te)²), ``importance_E`` (Σ_t G_te, the
+sparse gate), ``load_E`` (the load the ``load`` loss takes: counted, or the
+smooth estimator of noisy top-k), ``sequence_balance`` and ``sequences`` (the
+sequence-wise loss summed over non-empty sequences, and their number).
 
 Shapes: T tokens, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from .records import LazyMapping
 
-class LazyDict(Mapping):
-    """A read-only mapping whose values are computed on first access and kept.
-
-    Routers report every loss by name, but a layer only needs the ones with a
-    nonzero coefficient in its forward: the rest cost nothing unless read.
-    """
-
-    def __init__(self, thunks: dict[str, Callable[[], Tensor]]):
-        self._thunks = dict(thunks)
-        self._values: dict[str, Tensor] = {}
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self._values:
-            self._values[name] = self._thunks[name]()
-        return self._values[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._thunks)
-
-    def __len__(self) -> int:
-        return len(self._thunks)
-
-    def __repr__(self) -> str:
-        return f"LazyDict({dict(self)!r})"
+# The sums each loss is a formula of.
+LOSS_SUMS: dict[str, tuple[str, ...]] = {
+    "load_balance": ("tokens", "assigned_E", "prob_mass_E"),
+    "z_loss": ("tokens", "z_squared"),
+    "importance": ("importance_E",),
+    "load": ("load_E",),
+    "sequence_balance": ("sequence_balance", "sequences"),
+}
 
 
-def _token_weights(
-    num_tokens: int, token_weight_T: Tensor | None, device, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def _token_weights(num_tokens: int, token_weight_T: Tensor | None, device, dtype: torch.dtype) -> Tensor:
     if token_weight_T is None:
         return torch.ones(num_tokens, device=device, dtype=dtype)
     return token_weight_T.to(dtype)
 
 
-def assignment_counts(
-    indices_TK: Tensor, num_experts: int, token_weight_T: Tensor | None = None
-) -> Tensor:
+def assignment_counts(indices_TK: Tensor, num_experts: int, token_weight_T: Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> Tensor:
     """Assignments per expert (E,), each of the K choices counted once (padding not)."""
     T, K = indices_TK.shape
-    dtype = token_weight_T.dtype if token_weight_T is not None and token_weight_T.is_floating_point() else torch.float32
-    w_T = _token_weights(T, token_weight_T, indices_TK.device, dtype)
+    if dtype is None:
+        dtype = token_weight_T.dtype if token_weight_T is not None and token_weight_T.is_floating_point() \
+            else torch.float32
     counts_E = torch.zeros(num_experts, device=indices_TK.device, dtype=dtype)
-    return counts_E.scatter_add_(0, indices_TK.reshape(-1), w_T.repeat_interleave(K))
-
-
-def load_balancing_loss(
-    probs_TE: Tensor, indices_TK: Tensor, token_weight_T: Tensor | None = None
-) -> Tensor:
-    """Switch/GShard loss E·Σ_i f_i·P_i, generalised to top-K.
-
-    f_i is the number of assignments to expert i over the number of tokens
-    (summed over the K slots), P_i the mean router probability of expert i.
-    Equals K under uniform routing and E under full collapse.
-    """
-    T, E = probs_TE.shape
     if token_weight_T is None:
-        # Every token real: E/T²·Σ_i count_i·Σ_t p_ti, in 6 kernels instead of 15 (the
-        # layer computes this loss on every call, decoding steps included).
-        counts_E = probs_TE.new_zeros(E).scatter_add_(0, indices_TK.reshape(-1), probs_TE.new_ones(indices_TK.numel()))
-        return torch.dot(counts_E, probs_TE.sum(0)) * (E / max(T, 1) ** 2)
-    w_T = _token_weights(T, token_weight_T, probs_TE.device, probs_TE.dtype)
-    n = w_T.sum().clamp_min(1.0)
-    f_E = assignment_counts(indices_TK, E, w_T) / n
-    P_E = (probs_TE * w_T[:, None]).sum(0) / n
-    return E * (f_E * P_E).sum()
-
-
-def router_z_loss(logits_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
-    """ST-MoE z-loss (1/T)·Σ_t (log Σ_j exp(logits_tj))²."""
-    T = logits_TE.shape[0]
-    w_T = _token_weights(T, token_weight_T, logits_TE.device, logits_TE.dtype)
-    z_T = torch.logsumexp(logits_TE, dim=-1)
-    return (z_T.square() * w_T).sum() / w_T.sum().clamp_min(1.0)
+        return counts_E.scatter_add_(0, indices_TK.reshape(-1), counts_E.new_ones(T * K))
+    w_T = token_weight_T.to(dtype)
+    return counts_E.scatter_add_(0, indices_TK.reshape(-1), w_T.repeat_interleave(K))
 
 
 def cv_squared(x_E: Tensor, eps: float = 1e-10) -> Tensor:
@@ -97,10 +65,106 @@ def cv_squared(x_E: Tensor, eps: float = 1e-10) -> Tensor:
     return (x_E - mean).square().mean() / (mean.square() + eps)
 
 
+def _count(n) -> Tensor | float:
+    """A token or sequence count as a divisor: at least one."""
+    return n.clamp_min(1.0) if isinstance(n, Tensor) else max(float(n), 1.0)
+
+
+def losses_from_sums(names, sums: Mapping[str, Tensor], num_experts: int) -> dict[str, Tensor]:
+    """Each loss of ``names`` from the sums it needs (``LOSS_SUMS``)."""
+    return {name: _FORMULAS[name](sums, num_experts) for name in names}
+
+
+def _load_balance(s: Mapping, E: int) -> Tensor:
+    # E·Σ_i f_i·P_i with f_i = assigned_i / n and P_i = prob_mass_i / n: E/n²·⟨assigned, mass⟩.
+    n = _count(s["tokens"])
+    overlap = torch.dot(s["assigned_E"], s["prob_mass_E"])
+    # A Python n folds E/n² into one multiply (the layer computes this loss on every call).
+    return overlap * E / n.square() if isinstance(n, Tensor) else overlap * (E / n**2)
+
+
+_FORMULAS: dict[str, Callable[[Mapping, int], Tensor]] = {
+    "load_balance": _load_balance,
+    "z_loss": lambda s, E: s["z_squared"] / _count(s["tokens"]),
+    "importance": lambda s, E: cv_squared(s["importance_E"]),
+    "load": lambda s, E: cv_squared(s["load_E"]),
+    "sequence_balance": lambda s, E: s["sequence_balance"] / _count(s["sequences"]),
+}
+
+
+def lazy_losses(names, sums: Mapping[str, Tensor], num_experts: int) -> LazyMapping:
+    """``losses_from_sums`` computed on first read, loss by loss."""
+    return LazyMapping({name: (lambda name=name: _FORMULAS[name](sums, num_experts)) for name in names})
+
+
+def gates_from_topk(indices_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
+    """The sparse gate G(x) as a dense (T, E) matrix: combine weights, zero elsewhere."""
+    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
+    return gates_TE.scatter(1, indices_TK, weights_TK)
+
+
+def z_squared_sum(logits_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    z_T = torch.logsumexp(logits_TE, dim=-1)
+    if token_weight_T is None:
+        return z_T.square().sum()
+    return (z_T.square() * token_weight_T.to(z_T.dtype)).sum()
+
+
+def weighted_column_sums(values_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    """Σ_t w_t·values_te (E,)."""
+    if token_weight_T is None:
+        return values_TE.sum(0)
+    return (values_TE * token_weight_T.to(values_TE.dtype)[:, None]).sum(0)
+
+
+def standard_sums(logits_TE: Tensor, probs_TE: Tensor, indices_TK: Tensor, weights_TK: Tensor,
+                  token_weight_T: Tensor | None, load_E: Callable[[], Tensor] | None = None) -> LazyMapping:
+    """The sums of the standard losses (load balance, z-loss, importance, load), lazily.
+    ``load_E`` overrides the counted load (noisy top-k's smooth estimator)."""
+    E, dtype = probs_TE.shape[1], probs_TE.dtype
+    sums: LazyMapping
+
+    def assigned() -> Tensor:
+        return assignment_counts(indices_TK, E, token_weight_T, dtype)
+
+    def tokens():
+        # A Python count when every token is real: the loss then takes 2 kernels fewer.
+        return len(indices_TK) if token_weight_T is None else token_weight_T.to(dtype).sum()
+
+    sums = LazyMapping({
+        "tokens": tokens,
+        "assigned_E": assigned,
+        "prob_mass_E": lambda: weighted_column_sums(probs_TE, token_weight_T),
+        "z_squared": lambda: z_squared_sum(logits_TE, token_weight_T),
+        "importance_E": lambda: weighted_column_sums(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
+        "load_E": load_E or (lambda: sums["assigned_E"]),
+    })
+    return sums
+
+
+# --- the losses as functions of routing tensors (the formulas on one batch) -------------
+
+
+def load_balancing_loss(probs_TE: Tensor, indices_TK: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    """Switch/GShard loss E·Σ_i f_i·P_i, generalised to top-K.
+
+    f_i is the number of assignments to expert i over the number of tokens
+    (summed over the K slots), P_i the mean router probability of expert i.
+    Equals K under uniform routing and E under full collapse.
+    """
+    sums = standard_sums(probs_TE, probs_TE, indices_TK, probs_TE[:, :1], token_weight_T)
+    return _load_balance(sums, probs_TE.shape[1])
+
+
+def router_z_loss(logits_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss (1/T)·Σ_t (log Σ_j exp(logits_tj))²."""
+    n = len(logits_TE) if token_weight_T is None else token_weight_T.sum()
+    return z_squared_sum(logits_TE, token_weight_T) / _count(n)
+
+
 def importance_loss(gates_TE: Tensor, token_weight_T: Tensor | None = None) -> Tensor:
     """Shazeer 2017: CV(Importance)², Importance_i = Σ_x G(x)_i."""
-    w_T = _token_weights(gates_TE.shape[0], token_weight_T, gates_TE.device, gates_TE.dtype)
-    return cv_squared((gates_TE * w_T[:, None]).sum(0))
+    return cv_squared(weighted_column_sums(gates_TE, token_weight_T))
 
 
 def load_loss(load_E: Tensor) -> Tensor:
@@ -137,32 +201,3 @@ def smooth_load(
     prob_if_out_TE = normal.cdf((clean_logits_TE - threshold_if_out_T1) / noise_std_TE)
     prob_TE = torch.where(is_in_TE, prob_if_in_TE, prob_if_out_TE)
     return (prob_TE * w_T[:, None]).sum(0)
-
-
-def gates_from_topk(indices_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
-    """The sparse gate G(x) as a dense (T, E) matrix: combine weights, zero elsewhere."""
-    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
-    return gates_TE.scatter(1, indices_TK, weights_TK)
-
-
-def standard_losses(
-    logits_TE: Tensor,
-    probs_TE: Tensor,
-    indices_TK: Tensor,
-    weights_TK: Tensor,
-    token_weight_T: Tensor | None,
-) -> dict[str, Tensor]:
-    """The losses every router reports (load balance, z-loss, importance, counted
-    load), each computed when first read."""
-    E = logits_TE.shape[1]
-
-    def counted_load() -> Tensor:
-        w_T = _token_weights(len(logits_TE), token_weight_T, logits_TE.device, logits_TE.dtype)
-        return load_loss(assignment_counts(indices_TK, E, w_T))
-
-    return LazyDict({
-        "load_balance": lambda: load_balancing_loss(probs_TE, indices_TK, token_weight_T),
-        "z_loss": lambda: router_z_loss(logits_TE, token_weight_T),
-        "importance": lambda: importance_loss(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
-        "load": counted_load,
-    })

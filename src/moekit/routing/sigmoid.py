@@ -15,7 +15,8 @@ scaling factor. The bias never enters a gate value.
 - Sequence-wise balance loss, reported as ``sequence_balance``:
   L = mean over sequences of Σ_i f_i·P_i, f_i = (E/(K·L))·Σ_t 1[i selected for t],
   P_i = (1/L)·Σ_t s'_ti with s' = s normalised over all experts. No
-  ``load_balance`` loss is reported: balancing is the bias's job.
+  ``load_balance`` loss is reported: balancing is the bias's job. As sums: the
+  per-sequence values summed, and the number of non-empty sequences.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, G expert groups
 (or sequences, in the loss), L tokens per sequence.
@@ -23,11 +24,52 @@ Shapes: T tokens, D model dim, E experts, K experts per token, G expert groups
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ..config import MoEConfig
-from .base import Router, Routing
+from .base import GateOptions, GateRouter, check_bool, check_number, check_positive_int
+from .losses import lazy_losses
+from .records import LazyMapping, Routing
+
+
+@dataclass(kw_only=True)
+class SigmoidOptions(GateOptions):
+    """Args:
+        normalize_weights: divide each token's K gates by their sum (DeepSeek-V3).
+        num_expert_groups: experts form this many equal groups (group-limited routing); 1 disables it.
+        topk_groups: groups kept per token (None: all groups).
+        routed_scaling_factor: multiplies the routed gates.
+        bias_update_rate: step γ of the auxiliary-loss-free bias update b_i += γ·sign(mean load − load_i).
+    """
+
+    normalize_weights: bool = True
+    num_expert_groups: int = 1
+    topk_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 0.001
+
+    def validate(self, *, num_experts: int, top_k: int) -> None:
+        super().validate(num_experts=num_experts, top_k=top_k)
+        check_bool("normalize_weights", self.normalize_weights)
+        check_positive_int("num_expert_groups", self.num_expert_groups)
+        groups = self.num_expert_groups
+        if num_experts % groups:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by num_expert_groups ({groups})")
+        kept = self.kept_groups
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= groups:
+            raise ValueError(f"topk_groups ({self.topk_groups!r}) must be an int in [1, {groups}]")
+        reachable = kept * (num_experts // groups)
+        if top_k > reachable:
+            raise ValueError(f"top_k ({top_k}) must be <= topk_groups · experts per group ({reachable})")
+        check_number("routed_scaling_factor", self.routed_scaling_factor, low_inclusive=False)
+        check_number("bias_update_rate", self.bias_update_rate)
+
+    @property
+    def kept_groups(self) -> int:
+        return self.num_expert_groups if self.topk_groups is None else self.topk_groups
 
 
 def limit_to_top_groups(scores_TE: Tensor, num_groups: int, keep_groups: int) -> Tensor:
@@ -45,17 +87,17 @@ def limit_to_top_groups(scores_TE: Tensor, num_groups: int, keep_groups: int) ->
     return scores_TGX.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
 
-def sequence_balance_loss(
+def sequence_balance_sums(
     norm_affinity_TE: Tensor,
     indices_TK: Tensor,
     sequence_length: int | None = None,
     token_weight_T: Tensor | None = None,
-) -> Tensor:
-    """DeepSeek-V3's sequence-wise balance loss, Σ_i f_i·P_i averaged over sequences.
+) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3's sequence-wise balance, Σ_i f_i·P_i, summed over the non-empty sequences;
+    and their number.
 
     Tokens are taken as consecutive sequences of ``sequence_length`` (None: one
-    sequence). Equals 1 under uniform routing and E/K when every token puts all
-    its mass on the same K experts. Padding (weight 0) counts nowhere.
+    sequence). Padding (weight 0) counts nowhere.
     """
     T, E = norm_affinity_TE.shape
     K = indices_TK.shape[1]
@@ -74,18 +116,36 @@ def sequence_balance_loss(
     n_safe_G = n_G.clamp_min(1.0)
     f_GE = (E / K) * (selected_TE.view(G, L, E) * w_GL[..., None]).sum(1) / n_safe_G[:, None]
     P_GE = (norm_affinity_TE.view(G, L, E) * w_GL[..., None]).sum(1) / n_safe_G[:, None]
-    per_sequence_G = (f_GE * P_GE).sum(1)
-    return per_sequence_G.sum() / (n_G > 0).sum().clamp_min(1)
+    return (f_GE * P_GE).sum(), (n_G > 0).sum().to(norm_affinity_TE.dtype)
 
 
-class SigmoidRouter(Router):
-    def __init__(self, config: MoEConfig):
-        super().__init__(config)
+def sequence_balance_loss(
+    norm_affinity_TE: Tensor,
+    indices_TK: Tensor,
+    sequence_length: int | None = None,
+    token_weight_T: Tensor | None = None,
+) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, Σ_i f_i·P_i averaged over sequences.
+
+    Equals 1 under uniform routing and E/K when every token puts all its mass on
+    the same K experts.
+    """
+    total, sequences = sequence_balance_sums(norm_affinity_TE, indices_TK, sequence_length, token_weight_T)
+    return total / sequences.clamp_min(1)
+
+
+class SigmoidRouter(GateRouter):
+    Options = SigmoidOptions
+    losses = ("sequence_balance",)
+    global_losses = frozenset(losses)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         # The balancing bias is state, not a parameter: no gradient ever reaches it.
-        self.register_buffer("expert_bias_E", torch.zeros(config.num_experts))
+        self.register_buffer("expert_bias_E", torch.zeros(self.num_experts))
         # Counted as integers, so that casting the model to a low precision leaves them exact.
         self.register_buffer(
-            "load_since_update_E", torch.zeros(config.num_experts, dtype=torch.long), persistent=False
+            "load_since_update_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
         )
 
     def _apply(self, fn, recurse=True):
@@ -96,40 +156,29 @@ class SigmoidRouter(Router):
             self.expert_bias_E = bias_E.to(device=self.expert_bias_E.device, dtype=torch.float32)
         return self
 
-    def route(
-        self,
-        logits_TE: Tensor,
-        x_TD: Tensor,
-        valid_T: Tensor | None,
-        *,
-        sequence_length: int | None = None,
-        **kwargs,
-    ) -> Routing:
-        c = self.config
+    def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
+        o = self.options
         affinity_TE = logits_TE.sigmoid()
         choice_TE = affinity_TE.detach() + self.expert_bias_E.to(affinity_TE.dtype)
-        if c.topk_groups < c.num_expert_groups:
-            choice_TE = limit_to_top_groups(choice_TE, c.num_expert_groups, c.topk_groups)
+        if o.kept_groups < o.num_expert_groups:
+            choice_TE = limit_to_top_groups(choice_TE, o.num_expert_groups, o.kept_groups)
         indices_TK = choice_TE.topk(self.top_k, dim=-1).indices
         selected_TK = affinity_TE.gather(1, indices_TK)
-        if c.normalize_weights:
+        if o.normalize_weights:
             selected_TK = selected_TK / selected_TK.sum(dim=-1, keepdim=True)
-        weights_TK = selected_TK * c.routed_scaling_factor
+        weights_TK = selected_TK * o.routed_scaling_factor
         norm_affinity_TE = affinity_TE / affinity_TE.sum(dim=-1, keepdim=True)
-        token_weight_T = None if valid_T is None else valid_T.float()
+        token_weight_T = None if valid_T is None else valid_T.to(affinity_TE.dtype)
         if self.training:
             self._count_load(indices_TK, valid_T)
+
+        # One computation gives both sums.
+        balance = functools.cache(
+            lambda: sequence_balance_sums(norm_affinity_TE, indices_TK, sequence_length, token_weight_T))
+        sums = LazyMapping({"sequence_balance": lambda: balance()[0], "sequences": lambda: balance()[1]})
         return Routing(
-            indices_TK=indices_TK,
-            weights_TK=weights_TK,
-            logits_TE=logits_TE,
-            probs_TE=norm_affinity_TE,
-            losses={
-                "sequence_balance": sequence_balance_loss(
-                    norm_affinity_TE, indices_TK, sequence_length, token_weight_T
-                )
-            },
-            valid_T=valid_T,
+            indices_TK=indices_TK, weights_TK=weights_TK, logits_TE=logits_TE, probs_TE=norm_affinity_TE,
+            sums=sums, losses=lazy_losses(self.losses, sums, self.num_experts), valid_T=valid_T,
         )
 
     @torch.no_grad()
@@ -151,14 +200,14 @@ class SigmoidRouter(Router):
             # Every data-parallel rank must move its bias the same way.
             torch.distributed.all_reduce(load_E)
         load_E = load_E.to(self.expert_bias_E.dtype)
-        self.expert_bias_E += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias_E += self.options.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.load_since_update_E.zero_()
 
     def extra_repr(self) -> str:
-        c = self.config
+        o = self.options
         return (
-            f"{super().extra_repr()}, groups={c.num_expert_groups}, topk_groups={c.topk_groups}, "
-            f"routed_scaling_factor={c.routed_scaling_factor}, bias_update_rate={c.bias_update_rate}"
+            f"{super().extra_repr()}, groups={o.num_expert_groups}, topk_groups={o.kept_groups}, "
+            f"routed_scaling_factor={o.routed_scaling_factor}, bias_update_rate={o.bias_update_rate}"
         )
 
 

@@ -23,41 +23,57 @@ G sequences, L tokens per sequence.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MoEConfig
-from .base import Router, SoftRouting
+from ..compute.precision import gate_dtype, without_autocast
+from .base import Router, RouterOptions, check_bool, check_positive_int
+from .records import SoftRouting
+
+
+@dataclass(kw_only=True)
+class SoftOptions(RouterOptions):
+    """Args:
+        slots_per_expert: slots P each expert processes per sequence.
+        normalize: l2-normalise tokens and slot parameters and multiply by a learned
+            scale, as the Soft MoE paper does for stability.
+    """
+
+    flat_names: ClassVar[dict[str, str]] = {"normalize": "soft_normalize"}
+    slots_per_expert: int = 1
+    normalize: bool = True
+
+    def validate(self, *, num_experts: int, top_k: int) -> None:
+        check_positive_int("slots_per_expert", self.slots_per_expert)
+        check_bool("soft_normalize", self.normalize)
 
 
 class SoftRouter(Router):
+    Options = SoftOptions
     causal = False
+    token_choice = False
 
-    def __init__(self, config: MoEConfig):
-        super().__init__(config)
-        self.slots_per_expert = config.slots_per_expert
-        num_slots = config.num_experts * config.slots_per_expert
-        self.weight = nn.Parameter(torch.empty(num_slots, config.d_model))
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(config.d_model))
-        self.scale = nn.Parameter(torch.ones(())) if config.soft_normalize else None
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.slots_per_expert = self.options.slots_per_expert
+        num_slots = self.num_experts * self.slots_per_expert
+        self.weight = nn.Parameter(torch.empty(num_slots, self.d_model))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.d_model))
+        self.scale = nn.Parameter(torch.ones(())) if self.options.normalize else None
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        *,
-        valid_T: Tensor | None = None,
-        sequence_length: int | None = None,
-        **kwargs,
-    ) -> SoftRouting:
-        dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    def forward(self, x_TD: Tensor, *, valid_T: Tensor | None = None, sequence_length: int | None = None,
+                token_ids_T: Tensor | None = None) -> SoftRouting:
+        dtype = gate_dtype(x_TD)
         T, D = x_TD.shape
         L = T if sequence_length is None else sequence_length
         if L < 1 or T % L != 0:
             raise ValueError(f"sequence_length ({sequence_length}) must divide the number of tokens ({T})")
         G = T // L
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        with without_autocast(x_TD.device.type):
             x_GLD = x_TD.to(dtype).view(G, L, D)
             phi_SD = self.weight.to(dtype)
             if self.scale is not None:
@@ -75,17 +91,11 @@ class SoftRouter(Router):
                 combine_GLS = combine_GLS * valid_GL1.to(dtype)
         E, P = self.num_experts, self.slots_per_expert
         probs_TE = combine_GLS.view(G, L, E, P).sum(-1).reshape(T, E)
-        return SoftRouting(
-            dispatch_GLS=dispatch_GLS,
-            combine_GLS=combine_GLS,
-            logits_GLS=logits_GLS,
-            probs_TE=probs_TE,
-            slots_per_expert=P,
-            valid_T=valid_T,
-        )
+        return SoftRouting(dispatch_GLS=dispatch_GLS, combine_GLS=combine_GLS, logits_GLS=logits_GLS,
+                           probs_TE=probs_TE, slots_per_expert=P, valid_T=valid_T)
 
     def extra_repr(self) -> str:
         return (
-            f"d_model={self.weight.shape[1]}, num_experts={self.num_experts}, "
+            f"d_model={self.d_model}, num_experts={self.num_experts}, "
             f"slots_per_expert={self.slots_per_expert}, normalize={self.scale is not None}, causal=False"
         )

@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Router, Routing
+from .base import GateRouter
+from .records import Routing
+from .topk import STANDARD_LOSSES, standard_routing
 
 
-class SoftmaxRouter(Router):
-    def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, **kwargs) -> Routing:
+class SoftmaxRouter(GateRouter):
+    default_top_k = None  # every expert
+    top_k_fixed = True
+    losses = STANDARD_LOSSES
+    global_losses = frozenset(STANDARD_LOSSES)
+
+    def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
         indices_TK = torch.arange(E, device=logits_TE.device).expand(T, E)
-        weights_TK = probs_TE
-        return Routing.with_standard_losses(
-            indices_TK=indices_TK,
-            weights_TK=weights_TK,
-            logits_TE=logits_TE,
-            probs_TE=probs_TE,
-            valid_T=valid_T,
-        )
+        return standard_routing(indices_TK, probs_TE, logits_TE, probs_TE, valid_T)

@@ -1,6 +1,7 @@
-"""Per-layer routing statistics, computed from a filled routing record.
+"""Per-layer routing statistics, from the router's record and what dispatch made of it.
 
-``routing_stats`` returns detached 0-dim float32 tensors (no host sync):
+``routing_stats`` returns detached 0-dim float32 tensors (no host sync), each
+computed when first read:
 - ``entropy``: mean over real tokens of the routing distribution's entropy
   divided by log E (0: each token certain of one expert, 1: uniform);
 - ``dead_expert_share``: share of experts that processed nothing;
@@ -8,7 +9,8 @@
 - ``dropped_share``: share of real assignments dropped for capacity;
 - ``unrouted_share``: share of real tokens that reached no expert (under expert
   choice, tokens no expert took; under capacity, tokens whose every choice was dropped).
-Tokens per expert are the record's ``tokens_per_expert_E``.
+
+``normalized_entropy`` is the one definition of routing entropy: the trainer logs it too.
 
 Shapes: T tokens, E experts, K experts per token.
 """
@@ -20,66 +22,56 @@ import math
 import torch
 from torch import Tensor
 
-from .base import AnyRouting, ExpertChoiceRouting, Routing
+from .records import AnyRouting, LazyMapping
 
 
 def normalized_entropy(probs_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     """Mean over real tokens of −Σ p·log p / log E; 0 for a single expert."""
-    T, E = probs_TE.shape
-    p_TE = probs_TE.float()
-    if E == 1:
-        return p_TE.new_zeros(())
-    entropy_T = -torch.special.xlogy(p_TE, p_TE).sum(-1) / math.log(E)
-    w_T = p_TE.new_ones(T) if valid_T is None else valid_T.float()
-    return (entropy_T * w_T).sum() / w_T.sum().clamp_min(1.0)
-
-
-def _unrouted_and_dropped(routing: AnyRouting) -> tuple[Tensor, Tensor]:
-    """(tokens reached by no expert (T,) bool, dropped assignments, 0-dim float)."""
-    T = routing.num_tokens
-    device = routing.probs_TE.device
-    if isinstance(routing, ExpertChoiceRouting):
-        return routing.experts_per_token() == 0, torch.zeros((), device=device)
-    if not isinstance(routing, Routing):  # Soft MoE: every token gets every slot's output
-        return torch.zeros(T, dtype=torch.bool, device=device), torch.zeros((), device=device)
-    reached_TK = routing.kept_TK if routing.kept_TK is not None else routing.active_TK
-    if reached_TK is None:
-        unrouted_T = torch.zeros(T, dtype=torch.bool, device=device)
-    else:
-        unrouted_T = ~reached_TK.any(dim=1)
-    dropped = torch.zeros((), device=device) if routing.num_dropped is None else routing.num_dropped.float()
-    return unrouted_T, dropped
-
-
-def _real_assignments(routing: Routing) -> Tensor:
-    T, K = routing.indices_TK.shape
-    real_TK = torch.ones(T, K, dtype=torch.bool, device=routing.indices_TK.device)
-    if routing.active_TK is not None:
-        real_TK = real_TK & routing.active_TK
-    if routing.valid_T is not None:
-        real_TK = real_TK & routing.valid_T[:, None]
-    return real_TK.sum().float()
+    return entropy_sum(probs_TE, valid_T) / _real_tokens(probs_TE, valid_T).clamp_min(1.0)
 
 
 @torch.no_grad()
-def routing_stats(routing: AnyRouting) -> dict[str, Tensor]:
-    """The statistics listed in the module docstring, for a record the layer has filled."""
-    if routing.tokens_per_expert_E is None:
-        raise ValueError("routing_stats needs tokens_per_expert_E; pass a record returned by MoE")
-    load_E = routing.tokens_per_expert_E.float()
-    valid_T = routing.valid_T
-    unrouted_T, dropped = _unrouted_and_dropped(routing)
-    if valid_T is not None:
-        unrouted_T = unrouted_T & valid_T
-    real_tokens = load_E.new_tensor(routing.num_tokens) if valid_T is None else valid_T.sum().float()
-    if isinstance(routing, Routing):
-        dropped_share = dropped / _real_assignments(routing).clamp_min(1.0)
-    else:
-        dropped_share = dropped
-    return {
-        "entropy": normalized_entropy(routing.probs_TE.detach(), valid_T),
-        "dead_expert_share": (load_E == 0).float().mean(),
-        "max_over_mean_load": load_E.max() / load_E.mean().clamp_min(torch.finfo(load_E.dtype).tiny),
+def entropy_sum(probs_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
+    """Σ over real tokens of −Σ p·log p / log E (0-dim float32): summed over ranks or
+    steps and divided by the real tokens, it gives ``normalized_entropy``."""
+    T, E = probs_TE.shape
+    p_TE = probs_TE.detach().float()
+    if E == 1:
+        return p_TE.new_zeros(())
+    entropy_T = -torch.special.xlogy(p_TE, p_TE).sum(-1) / math.log(E)
+    return entropy_T.sum() if valid_T is None else (entropy_T * valid_T.float()).sum()
+
+
+def _real_tokens(probs_TE: Tensor, valid_T: Tensor | None) -> Tensor:
+    if valid_T is None:
+        return torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device)
+    return valid_T.sum().float()
+
+
+def routing_stats(routing: AnyRouting, tokens_per_expert_E: Tensor, kept_TK: Tensor | None,
+                  num_dropped: Tensor | None) -> LazyMapping:
+    """The statistics listed in the module docstring, each computed when first read."""
+
+    @torch.no_grad()
+    def unrouted_share() -> Tensor:
+        unrouted_T = routing.unreached_T(kept_TK)
+        if routing.valid_T is not None:
+            unrouted_T = unrouted_T & routing.valid_T
+        return unrouted_T.sum().float() / _real_tokens(routing.probs_TE, routing.valid_T).clamp_min(1.0)
+
+    @torch.no_grad()
+    def dropped_share() -> Tensor:
+        if num_dropped is None:
+            return torch.zeros((), device=routing.probs_TE.device)
+        return num_dropped.float() / routing.num_real_assignments().clamp_min(1.0)
+
+    def load_E() -> Tensor:
+        return tokens_per_expert_E.detach().float()
+
+    return LazyMapping({
+        "entropy": lambda: normalized_entropy(routing.probs_TE, routing.valid_T),
+        "dead_expert_share": lambda: (load_E() == 0).float().mean(),
+        "max_over_mean_load": lambda: load_E().max() / load_E().mean().clamp_min(torch.finfo(torch.float32).tiny),
         "dropped_share": dropped_share,
-        "unrouted_share": unrouted_T.sum().float() / real_tokens.clamp_min(1.0),
-    }
+        "unrouted_share": unrouted_share,
+    })

@@ -9,6 +9,8 @@ Layout inside a run folder:
 
 A step folder counts only once ``latest.json`` names it, and ``latest.json`` is
 replaced last, so a crash at any point leaves the previous checkpoint usable.
+Runs on several processes write the canonical (unsharded) layout from rank 0
+(``save_parallel_checkpoint``), loadable at any expert-parallel size.
 """
 
 from __future__ import annotations
@@ -127,3 +129,85 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if optimizer is not None:
         load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer_param_groups"])
     return state
+
+
+# --- several processes: checkpoints in the canonical layout ---------------------------
+# Rank 0 writes the canonical (unsharded) state gathered from every rank, so a run saved
+# at one expert-parallel size resumes at any other (one process included).
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one parameter (the LM's tied embedding and head)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _model_file_writer(model: nn.Module, state: dict[str, torch.Tensor]):
+    """Write the state as ``safetensors.torch.save_model`` does: a tied parameter is stored once,
+    the other names recorded in the metadata."""
+    state, metadata = dict(state), {}
+    for names in _tied_names(model):
+        for alias in names[1:]:
+            state.pop(alias, None)
+            metadata[alias] = names[0]
+    return lambda tmp: save_file(state, str(tmp), metadata=metadata or None)
+
+
+def save_parallel_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+    parallel, keep: int = 2,
+) -> Path:
+    """Gather the canonical model and optimizer state (collective), write them from rank 0 only
+    (atomically, as ``save_checkpoint``), and wait until the checkpoint is complete."""
+    import torch.distributed as dist
+
+    from ..parallel import full_optimizer_tensors, full_state_dict
+
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model_state = {name: t.detach().cpu().contiguous() for name, t in full_state_dict(module).items()}
+    tensors, param_groups = optimizer_tensors(optimizer)
+    tensors = full_optimizer_tensors(module, optimizer, tensors)
+    rng_per_rank: list = [None] * parallel.world_size
+    dist.all_gather_object(rng_per_rank, rng_state_to_json())
+    folder = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    if parallel.is_main:
+        state = dict(trainer_state, rng_per_rank=rng_per_rank)
+        folder = write_checkpoint(run_dir, step, _model_file_writer(module, model_state), tensors, param_groups,
+                                  state, keep=keep)
+    parallel.barrier()  # nobody reads or resumes from a checkpoint that is still being written
+    return folder
+
+
+def load_parallel_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a checkpoint saved at any EP size (or by a single process) into this rank's shard."""
+    from ..parallel import load_full_state_dict, shard_optimizer_tensors
+
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    for names in _tied_names(module):
+        present = [name for name in names if name in state]
+        if present:
+            for name in names:
+                state.setdefault(name, state[present[0]])
+    load_full_state_dict(module, state, strict=True)
+    trainer_state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    if optimizer is not None:
+        tensors = load_file(str(Path(folder) / "optimizer.safetensors"))
+        load_optimizer(optimizer, shard_optimizer_tensors(module, optimizer, tensors),
+                       trainer_state["optimizer_param_groups"])
+    return trainer_state
+
+
+def rank_rng_state(trainer_state: dict, rank: int, world_size: int) -> dict | None:
+    """The RNG state this rank saved, when the run resumes on as many ranks; else None (reseed)."""
+    per_rank = trainer_state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank]
+    return trainer_state["rng"] if rank == 0 else None
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for rank > 0's RNG (router noise) that differs across ranks and steps of resumption."""
+    return (seed * 1_000_003 + step) * 1_009 + rank

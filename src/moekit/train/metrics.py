@@ -12,14 +12,21 @@ from pathlib import Path
 
 import torch
 
-from ..routing import Routing
+from ..routing.stats import entropy_sum
 from .checkpoint import atomic_write_text
 
 
-def routing_entropy(probs_TE: torch.Tensor) -> float:
-    """Mean over tokens of the router distribution's entropy, in nats (log E = uniform)."""
-    p = probs_TE.detach().float()
-    return float(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean())
+def routing_sums(routing) -> torch.Tensor:
+    """One MoE layer's routing in a step as sums that add over ranks and steps (float64):
+    rows each expert processed (E), then the routing entropy summed over real tokens
+    (``routing.stats``' definition, normalised by log E), the real tokens, and the drops."""
+    decision, dispatch = routing.decision, routing.dispatch
+    load_E, valid_T = dispatch.tokens_per_expert_E.detach(), decision.valid_T
+    tokens = float(decision.num_tokens) if valid_T is None else valid_T.sum()
+    dropped = 0 if dispatch.num_dropped is None else dispatch.num_dropped
+    scalars = [torch.as_tensor(v, dtype=torch.float64, device=load_E.device)
+               for v in (entropy_sum(decision.probs_TE, valid_T), tokens, dropped)]
+    return torch.cat([load_E.to(torch.float64), torch.stack(scalars)]).cpu()
 
 
 @dataclass
@@ -33,27 +40,27 @@ class IntervalStats:
     step_time: float = 0.0
     tokens: int = 0
     load_LE: list[list[int]] = field(default_factory=list)  # assignments per expert
-    entropy_L: list[float] = field(default_factory=list)
+    entropy_L: list[float] = field(default_factory=list)  # per-step mean routing entropy, summed
     dropped_L: list[int] = field(default_factory=list)
     assignments_L: list[int] = field(default_factory=list)
 
-    def add(self, loss: float, aux_loss: float, step_time: float, tokens: int, routings: list[Routing]) -> None:
+    def add(self, loss: float, aux_loss: float, step_time: float, tokens: int, sums_L: list[torch.Tensor]) -> None:
+        """One step; ``sums_L`` holds each MoE layer's ``routing_sums`` (over every rank's tokens)."""
         if not self.load_LE:
-            self.load_LE = [[0] * r.num_experts for r in routings]
-            self.entropy_L = [0.0] * len(routings)
-            self.dropped_L = [0] * len(routings)
-            self.assignments_L = [0] * len(routings)
+            self.load_LE = [[0] * (len(s) - 3) for s in sums_L]
+            self.entropy_L = [0.0] * len(sums_L)
+            self.dropped_L = [0] * len(sums_L)
+            self.assignments_L = [0] * len(sums_L)
         self.steps += 1
         self.loss += loss
         self.aux_loss += aux_loss
         self.step_time += step_time
         self.tokens += tokens
-        for layer, r in enumerate(routings):
-            # NOTE: .tolist() / float() sync with the device once per MoE layer and step.
-            counts = r.tokens_per_expert_E.tolist()
+        for layer, sums in enumerate(sums_L):
+            *counts, entropy, real_tokens, dropped = sums.tolist()
+            counts, dropped = [round(c) for c in counts], round(dropped)
             self.load_LE[layer] = [a + b for a, b in zip(self.load_LE[layer], counts, strict=True)]
-            self.entropy_L[layer] += routing_entropy(r.probs_TE)
-            dropped = int(r.num_dropped) if r.num_dropped is not None else 0
+            self.entropy_L[layer] += entropy / max(real_tokens, 1.0)
             self.dropped_L[layer] += dropped
             self.assignments_L[layer] += sum(counts) + dropped
 
@@ -69,7 +76,7 @@ class IntervalStats:
         if self.load_LE:
             load_LE = [[c / max(sum(row), 1) for c in row] for row in self.load_LE]
             out["load"] = load_LE
-            out["entropy"] = [e / n for e in self.entropy_L]
+            out["routing_entropy"] = [e / n for e in self.entropy_L]
             out["drop_rate"] = [d / max(a, 1) for d, a in zip(self.dropped_L, self.assignments_L, strict=True)]
             out["balance"] = load_balance(load_LE)
         return out
@@ -110,7 +117,7 @@ class MetricsLog:
                 if key in record and record[key] is not None and math.isfinite(record[key]):
                     group = "val" if key == "val_loss" else "train"
                     self.writer.add_scalar(f"{group}/{key}", record[key], step)
-            for layer, entropy in enumerate(record.get("entropy", [])):
+            for layer, entropy in enumerate(record.get("routing_entropy", [])):
                 self.writer.add_scalar(f"routing/entropy_moe{layer}", entropy, step)
             for layer, rate in enumerate(record.get("drop_rate", [])):
                 self.writer.add_scalar(f"routing/drop_rate_moe{layer}", rate, step)

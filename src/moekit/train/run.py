@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data import Corpus, TokenData, build_tokenizer, load_corpus, load_tokenizer, tokenize_corpus
 from ..models.lm import LanguageModel, LMConfig
-from .parallel import ParallelContext
+from ..parallel import ParallelContext
 from .trainer import TrainConfig, Trainer, read_run_config, write_run_config
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -88,7 +88,8 @@ def spherical_kmeans(features_ND: Tensor, k: int, generator: torch.Generator,
 
 
 class ClusterRouting:
-    """Routes every token of a window to the expert of the window's cluster."""
+    """Routes every token of a window to the expert of the window's cluster, through each MoE
+    layer's forced routing (``MoE.force_routing``)."""
 
     def __init__(self, centroids_EV: Tensor):
         self.centroids_EV = centroids_EV
@@ -111,19 +112,18 @@ class ClusterRouting:
         return (features @ self.centroids_EV.to(features.device).t()).argmax(dim=1)
 
     def attach(self, model: nn.Module) -> list:
-        """Hooks: the model records each batch's clusters, each router's choice is replaced."""
-        handles = [model.register_forward_pre_hook(self._on_model_input)]
-        handles += [model.blocks[i].ffn.router.register_forward_hook(self._force) for i in model.moe_layers]
-        return handles
+        """The model records each batch's clusters (a forward pre-hook, whose handle is returned);
+        every MoE layer routes by them."""
+        for i in model.moe_layers:
+            model.blocks[i].ffn.force_routing(self)
+        return [model.register_forward_pre_hook(self._on_model_input)]
 
     def _on_model_input(self, model, args) -> None:
         x_BS = args[0]
         self._expert_T = self.clusters(x_BS).repeat_interleave(x_BS.shape[1])
 
-    def _force(self, router, args, routing: Routing) -> Routing:
+    def __call__(self, routing: Routing) -> tuple[Tensor, Tensor]:
         expert_T = self._expert_T.to(routing.indices_TK.device)
         if expert_T.shape[0] != routing.indices_TK.shape[0]:
             raise RuntimeError(f"cluster routing saw {expert_T.shape[0]} tokens but the router {routing.indices_TK.shape[0]}")
-        one_hot_TE = F.one_hot(expert_T, routing.probs_TE.shape[1]).to(routing.probs_TE.dtype)
-        return routing.replace(indices_TK=expert_T[:, None], weights_TK=torch.ones_like(one_hot_TE[:, :1]),
-                               probs_TE=one_hot_TE, losses={}, active_TK=None)
+        return expert_T[:, None], torch.ones_like(routing.weights_TK[:, :1])

@@ -26,26 +26,26 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import TokenData, training_batch, validation_batches
 from ..models.lm import LanguageModel, LMConfig
+from ..parallel import (
+    ParallelContext,
+    clip_grad_norm,
+    is_sharded,
+    parallelize,
+    reduce_gradients,
+    reduce_routing_sums,
+)
 from .checkpoint import (
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from .metrics import IntervalStats, MetricsLog
-from .parallel import (
-    ParallelContext,
-    clip_grad_norm,
-    global_routings,
-    is_sharded,
     load_parallel_checkpoint,
-    parallelize,
     rank_rng_state,
     rank_seed,
-    reduce_gradients,
+    restore_rng_state,
+    save_checkpoint,
     save_parallel_checkpoint,
 )
+from .metrics import IntervalStats, MetricsLog, routing_sums
 from .stages import ClusterRouting, configure_trainable
 
 TRAINING_STAGES = ("full", "experts", "gate")
@@ -280,7 +280,8 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state())
 
     def train_step(self) -> tuple[float, float, list, float]:
-        """One optimizer step; returns (loss, aux_loss, routings, gradient norm before clipping)."""
+        """One optimizer step; returns (loss, aux_loss, each MoE layer's routing sums over every
+        rank's tokens, gradient norm before clipping)."""
         cfg, device = self.config, self.config.device
         x_BS, y_BS = training_batch(self.data.train_N, cfg.batch_size, self.model_config.context_length, cfg.seed, self.step)
         parallel = self.parallel
@@ -299,10 +300,11 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), parallel)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sums_L = [routing_sums(routing) for routing in out.routings]
         if parallel is None:
-            return out.loss.item(), out.aux_loss.item(), out.routings, grad_norm.item()
+            return out.loss.item(), out.aux_loss.item(), sums_L, grad_norm.item()
         loss, aux_loss = parallel.mean([out.loss.item(), out.aux_loss.item()])
-        return loss, aux_loss, global_routings(out.routings, parallel, self.sharded), grad_norm.item()
+        return loss, aux_loss, reduce_routing_sums(sums_L, parallel, self.sharded), grad_norm.item()
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> bool:
         """Train to config.steps; return False when stopped early (Ctrl-C or request_stop)."""

@@ -1,0 +1,185 @@
+"""The run-folder commands: ``moekit train | eval | generate | report | bench``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import (
+    CLIError,
+    check_router,
+    configs_from_args,
+    data_config_from_args,
+    load_model,
+    new_run_folder,
+)
+
+
+def _setup_parallel(args):
+    """A ParallelContext when torchrun started several processes or --expert-parallel asks for them."""
+    from ..parallel import setup_parallel
+
+    if args.expert_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    if args.dist_timeout <= 0:
+        raise CLIError(f"--dist-timeout ({args.dist_timeout}) must be a positive number of seconds")
+    return setup_parallel(args.expert_parallel, args.dist_timeout, args.device)
+
+
+def cmd_train(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    parallel = _setup_parallel(args)
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _train(args, parallel) -> int:
+    from ..train import fork_run, new_run, prepare_data, resume_run
+
+    is_main = parallel is None or parallel.is_main
+    if args.resume:
+        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel)
+        if is_main:
+            print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+    elif args.init_from:
+        if parallel is not None:
+            raise CLIError("--init-from runs in one process: start the new run with it, then continue it "
+                           "under torchrun with --resume")
+        out = new_run_folder(args.out)
+        model, tokenizer, _, _ = load_model(args.init_from)
+        _, train_config = configs_from_args(args, tokenizer.vocab_size, moe=False)
+        fork_run(Path(args.init_from), out, model, train_config, **({"data": args.data} if args.data else {}))
+        trainer = resume_run(out)
+        print(f"run folder {out}: from {args.init_from}, stage {args.stage}", file=sys.stderr)
+    else:
+        if args.stage == "gate":
+            raise CLIError("--stage gate trains the router of trained experts: pass --init-from RUN_DIR "
+                           "(the --stage experts run)")
+        if args.experts > 0:
+            check_router(args.router)
+        data_config = data_config_from_args(args)
+        out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if (out / "config.json").exists() and not args.overwrite:
+            raise CLIError(f"{str(out)!r} already holds a run; continue it with --resume {out}, "
+                           "or choose another --out (or --overwrite)")
+        prepared = prepare_data(data_config)  # a new tokenizer; new_run saves it in the run folder
+        model_config, train_config = configs_from_args(args, prepared.tokenizer.vocab_size)
+        trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite,
+                          parallel=parallel)
+        if is_main:
+            print(f"run folder {out}: {trainer.num_parameters / 1e6:.2f} M parameters, "
+                  f"{trainer.num_active_parameters / 1e6:.2f} M active per token; "
+                  f"{prepared.tokens.train_N.numel():,} training tokens", file=sys.stderr)
+    if is_main and parallel is not None:
+        print(f"{parallel.world_size} processes: experts sharded over {parallel.ep_size} (expert parallel), "
+              f"{parallel.world_size // parallel.ep_size} data-parallel replica(s) of each expert", file=sys.stderr)
+    finished = trainer.fit()
+    if finished and is_main:
+        print(f"done: final validation loss {trainer.last_val_loss:.4f}; report with: moekit report {trainer.run_dir}",
+              file=sys.stderr)
+    return 0 if finished else 130
+
+
+def cmd_eval(args) -> int:
+    from ..data import load_corpus, validation_batches
+    from ..data.dataset import encode_documents
+    from ..train import evaluate, read_run_config
+
+    model, tokenizer, _, state = load_model(args.run_dir)
+    _, _, data_info = read_run_config(Path(args.data_of or args.run_dir))
+    corpus = load_corpus(data_info["data"], data_info["val_fraction"])
+    val_N = encode_documents(tokenizer, [d.text for d in corpus.val])  # the training split is not needed
+    batches = validation_batches(val_N, args.batch_size, model.config.context_length, args.batches)
+    loss = evaluate(model, batches, "cpu")
+    num_tokens = sum(y.numel() for _, y in batches)
+    result = {"run": args.run_dir, "step": state["step"], "val_loss": loss, "tokens": num_tokens}
+    if args.data_of:
+        result["data_of"] = args.data_of
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tokenizer, _, _ = load_model(args.run_dir)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        ids = [tokenizer.eot_id]  # an empty prompt starts a new document
+    generator = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new_ids: list[int] = []
+    printed = ""
+    for token in model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, generator=generator):
+        if int(token) == tokenizer.eot_id and not args.ignore_eot:
+            break
+        new_ids.append(int(token))
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..analysis.report import write_report
+
+    run_dir = Path(args.run_dir)
+    demo_file = run_dir / "demo.json"
+    if demo_file.exists():
+        demo = json.loads(demo_file.read_text())
+        runs = {"MoE": run_dir / demo["report_runs"]["MoE"], "dense": run_dir / demo["report_runs"]["dense"]}
+        seeds = demo.get("seeds")
+        title = "moekit demo: MoE vs dense language model"
+    else:
+        if not (run_dir / "config.json").exists():
+            raise CLIError(f"{args.run_dir!r} is neither a run folder (config.json) nor a demo folder (demo.json)")
+        runs = {"MoE" if _is_moe(run_dir) else "dense": run_dir}
+        if args.baseline:
+            baseline = Path(args.baseline)
+            if not (baseline / "config.json").exists():
+                raise CLIError(f"--baseline {args.baseline!r} is not a run folder (it has no config.json)")
+            label = "dense" if "MoE" in runs and not _is_moe(baseline) else "baseline"
+            runs[label] = baseline
+        seeds, title = None, f"moekit report: {run_dir.name}"
+    out = Path(args.out) if args.out else run_dir / "report"
+    index = write_report(runs, out, seeds=seeds, title=title)
+    print(f"report: {index}")
+    return 0
+
+
+def _is_moe(run_dir: Path) -> bool:
+    return json.loads((run_dir / "config.json").read_text())["model"].get("moe") is not None
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from ..train.checkpoint import atomic_write_text
+    from .bench import run_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    output = run_suite(tuple(args.dtype or ["float32"]), repeats=args.repeats, only=args.only,
+                       decode=not args.no_decode, echo=lambda text: print(text, flush=True), device=args.device,
+                       paths=tuple(args.paths.split(",")) if args.paths else None)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.json, json.dumps(output, indent=2))
+    print(f"results: {args.json}", file=sys.stderr)
+    return 0

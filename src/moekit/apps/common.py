@@ -1,0 +1,99 @@
+"""What the ``moekit`` commands share: settings from arguments, run folders, user errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A user mistake, reported as one line without a traceback."""
+
+
+TRAIN_DEFAULTS = {"layers": 4, "d_model": 128, "heads": 4, "context_length": 128, "d_ff": 512, "experts": 8,
+                  "top_k": 2, "steps": 300, "batch_size": 16, "lr": 3e-3, "eval_every": 50}
+
+
+# Small enough that both models train in a few minutes on two CPU cores, long enough
+# for the MoE model to pull ahead (see docs/lm.md for the measurements).
+DEMO_DEFAULTS = dict(TRAIN_DEFAULTS, d_model=64, d_ff=256, steps=800, lr=5e-3, eval_every=40)
+DEMO_VOCAB_SIZE = 2048
+
+
+def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
+    from ..config import MoEConfig
+    from ..models.lm import LMConfig
+    from ..routing import router_class
+    from ..train import TrainConfig
+
+    use_moe = args.experts > 0 if moe is None else moe
+    moe_config = None
+    if use_moe:
+        if args.experts < 1:
+            raise CLIError(f"--experts ({args.experts}) must be >= 1 for an MoE model (0 gives a dense model)")
+        expert_d_ff = args.expert_d_ff or max(args.d_ff // args.top_k, 1)
+        moe_config = MoEConfig(
+            d_model=args.d_model, d_ff=expert_d_ff, num_experts=args.experts,
+            top_k=None if router_class(args.router).top_k_fixed else args.top_k, router=args.router,
+            capacity_factor=args.capacity_factor, load_balance_coef=args.load_balance_coef,
+            z_loss_coef=args.z_loss_coef,
+        )
+    model_config = LMConfig(
+        vocab_size=vocab_size, context_length=args.context_length, n_layer=args.layers, n_head=args.heads,
+        d_model=args.d_model, d_ff=args.d_ff, moe=moe_config, moe_every=args.moe_every,
+        router_init_std=args.router_init_std,
+    )
+    train_config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+        warmup_steps=max(args.steps // 10, 0) if args.warmup_steps is None else args.warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, log_every=min(args.log_every, args.steps),
+        checkpoint_every=args.checkpoint_every, bf16=args.bf16, device=args.device,
+        stage=getattr(args, "stage", "full"),
+    )
+    return model_config, train_config
+
+
+def data_config_from_args(args):
+    from ..train import DataConfig
+
+    if not 0 < args.val_fraction < 1:
+        raise CLIError(f"--val-fraction ({args.val_fraction}) must be between 0 and 1")
+    return DataConfig(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+
+
+def check_router(name: str) -> None:
+    """A router a language model can train with: known, and causal."""
+    from ..models.lm import causal_routers, router_is_causal
+    from ..routing import ROUTERS
+
+    causal = ", ".join(causal_routers())
+    if name not in ROUTERS:
+        raise CLIError(f"--router {name!r} is not a known router; choose one of {causal}")
+    if not router_is_causal(name):
+        raise CLIError(f"--router {name!r} is not causal (it routes a token using later tokens), so it cannot "
+                       f"train a language model; choose one of {causal}")
+
+
+def new_run_folder(out: str | None) -> Path:
+    # A run started from another one never replaces a folder: nothing trained is lost.
+    folder = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if (folder / "config.json").exists():
+        raise CLIError(f"{str(folder)!r} already holds a run; choose another --out")
+    return folder
+
+
+def load_model(run_dir: str):
+    from ..data import load_tokenizer
+    from ..models.lm import LanguageModel
+    from ..train import latest_checkpoint, load_checkpoint, read_run_config
+
+    model_config, train_config, data_info = read_run_config(Path(run_dir))
+    folder = latest_checkpoint(Path(run_dir))
+    if folder is None:
+        raise CLIError(f"{run_dir!r} has no checkpoint yet; train it first (moekit train --out {run_dir})")
+    model = LanguageModel(model_config)
+    state = load_checkpoint(folder, model)
+    model.eval()
+    return model, load_tokenizer(Path(run_dir) / "tokenizer.json"), train_config, state

@@ -1,0 +1,174 @@
+"""Kernels for experts held as stacked MLP weights, whoever holds them.
+
+An experts class that declares ``stacked_mlp = True`` exposes, in ``nn.Linear``'s
+(out, in) layout stacked on dim 0: ``w_in`` (E, H, D), ``w_out`` (E, D, F), optional
+``b_in`` (E, H) and ``b_out`` (E, D), ``activation`` (a name of ``ACTIVATIONS``) and
+``is_glu`` (H = 2F, gate rows first, then up rows; otherwise H = F). Every function
+here runs such an ``mlp`` on rows grouped by expert (``counts_E[e]`` rows each):
+
+- ``segment_rows``: one matrix multiply per expert, fused backward (``ops.segment_mlp``);
+- ``grouped_rows``: all experts in one ``torch.nn.functional.grouped_mm`` per projection;
+- ``routed_tokens``: tokens to weighted output rows, one expert at a time, with no
+  (R, D) tensor (``ops.routed_mlp``);
+- ``triton_rows``: the Triton grouped GEMMs, optionally gathering input rows and
+  scattering output rows inside the kernel.
+
+Shapes: T tokens (or source rows), K experts per token, R routed rows, D model dim,
+H first projection width, F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import switches
+from .ops import ACTIVATIONS, glu, routed_mlp, segment_mlp
+from .precision import autocast_dtype, autocast_operands
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# grouped_mm needs every row stride to be a multiple of 16 bytes.
+_GROUPED_MM_ALIGN_BYTES = 16
+
+
+def hidden_activation(h: Tensor, activation: str, is_glu: bool) -> Tensor:
+    """act(h), or act(gate)·up for GLU experts, with the fastest kernel for h's device."""
+    if not is_glu:
+        return ACTIVATIONS[activation](h)
+    # On CUDA one fused Triton kernel replaces the act, the multiply and their
+    # temporaries (forward and backward).
+    if switches.use_fused_glu(h):
+        from .kernels import triton_glu
+
+        return triton_glu.glu(h, activation)
+    if h.device.type == "cpu":
+        return glu(h, activation)
+    gate, up = h.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up
+
+
+def expert_mlp(mlp, e: int, x_ND: Tensor) -> Tensor:
+    """Expert e of ``mlp`` on its rows, with torch's own layers: the readable reference."""
+    b_in = None if mlp.b_in is None else mlp.b_in[e]
+    b_out = None if mlp.b_out is None else mlp.b_out[e]
+    h = F.linear(x_ND, mlp.w_in[e], b_in)
+    return F.linear(hidden_activation(h, mlp.activation, mlp.is_glu), mlp.w_out[e], b_out)
+
+
+def segment_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """One matrix multiply per non-empty expert, one autograd node (see ``ops.segment_mlp``)."""
+    x_RD, w_in, b_in, w_out, b_out = autocast_operands(x_RD.device.type, x_RD, mlp.w_in, mlp.b_in, mlp.w_out,
+                                                       mlp.b_out)
+    counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
+    return segment_mlp(x_RD, w_in, b_in, w_out, b_out, counts, mlp.activation, mlp.is_glu)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's backward rejects expanded gradients (those of ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel() == 0:  # an empty expanded grad stays "contiguous" with zero strides
+            return grad.new_empty(grad.shape)
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """x, whose gradient reaches the ops before it as a contiguous tensor."""
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
+
+
+def grouped_mm_missing(mlp, dtype: torch.dtype) -> str | None:
+    """What ``grouped_rows`` lacks to run ``mlp`` in ``dtype``, or None when it can."""
+    if not getattr(mlp, "stacked_mlp", False):
+        return f"stacked MLP experts (got {type(mlp).__name__})"
+    if dtype not in GROUPED_MM_DTYPES:
+        return f"float32, bfloat16 or float16 (got {dtype})"
+    item = dtype.itemsize
+    if any((n * item) % _GROUPED_MM_ALIGN_BYTES for n in (mlp.d_model, mlp.d_ff)):
+        return (f"d_model and d_ff whose rows are multiples of {_GROUPED_MM_ALIGN_BYTES} bytes "
+                f"(got {mlp.d_model} and {mlp.d_ff} in {dtype})")
+    return None
+
+
+def grouped_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """All experts in one ``grouped_mm`` per projection; no host sync."""
+    offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+    x_RD, w_in, w_out = autocast_operands(x_RD.device.type, x_RD, mlp.w_in, mlp.w_out)
+    R = x_RD.shape[0]
+    # h's gradient comes from the activation's backward, which is always contiguous.
+    h_RH = F.grouped_mm(x_RD, w_in.transpose(-2, -1), offs=offsets_E)
+    if mlp.b_in is not None:
+        h_RH = h_RH + mlp.b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+    a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
+    # Callers may hand back any gradient, expanded ones included.
+    y_RD = contiguous_grad(F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E))
+    if mlp.b_out is not None:
+        y_RD = y_RD + mlp.b_out.to(y_RD.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+    return y_RD
+
+
+def routed_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
+    """Σ_k weights_TK·E_e(x_t) over the routed assignments ``order_R`` (t·K + k, sorted by
+    expert), one expert at a time from host-side counts; (T, D) in the weights' dtype."""
+    x_TD, w_in, b_in, w_out, b_out = autocast_operands(x_TD.device.type, x_TD, mlp.w_in, mlp.b_in, mlp.w_out,
+                                                       mlp.b_out)
+    counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
+    return routed_mlp(x_TD, weights_TK, w_in, b_in, w_out, b_out, order_R, counts, mlp.activation, mlp.is_glu)
+
+
+def routed_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """``routed_tokens`` on rows already grouped by expert: each row its own token, weight one."""
+    R = x_RD.shape[0]
+    weights_R1 = torch.ones(R, 1, dtype=x_RD.dtype if x_RD.dtype == torch.float64 else torch.float32,
+                            device=x_RD.device)
+    order_R = torch.arange(R, device=x_RD.device)
+    return routed_tokens(mlp, x_RD, weights_R1, order_R, counts_E).to(x_RD.dtype)
+
+
+def triton_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
+    """What the Triton kernels lack to run ``mlp`` in ``dtype`` on ``device_type``, or None."""
+    from . import kernels
+
+    if not kernels.HAS_TRITON:
+        return "the triton package"
+    if not getattr(mlp, "stacked_mlp", False):
+        return f"stacked MLP experts (got {type(mlp).__name__})"
+    if dtype not in kernels.supported_dtypes():
+        return f"float32, bfloat16 or float16 (got {dtype})"
+    if device_type not in ("cuda", "meta") and not kernels.interpreting():
+        return f"a CUDA input (got {device_type}), or TRITON_INTERPRET=1 set before moekit is imported"
+    return None
+
+
+def triton_rows(mlp, x_SD: Tensor, counts_E: Tensor, order_R: Tensor | None = None, top_k: int = 1,
+                num_out: int | None = None) -> Tensor:
+    """The experts' MLP by the Triton kernels on the rows ``order_R // top_k`` of x (all rows,
+    already grouped by expert, when ``order_R`` is None). Output row r lands on row
+    ``order_R[r]`` of a (num_out, D) result, zero where no routed row writes."""
+    from .kernels import gather_grouped_mm, grouped_mm_scatter
+
+    cast = autocast_dtype(x_SD.device.type)
+    w_in, w_out = mlp.w_in, mlp.w_out
+    if cast is not None:
+        x_SD, w_in, w_out = x_SD.to(cast), w_in.to(cast), w_out.to(cast)
+    R = x_SD.shape[0] if order_R is None else order_R.shape[0]
+    num_out = R if num_out is None else num_out
+    h_RH = gather_grouped_mm(x_SD, w_in, order_R, counts_E, top_k)
+    if mlp.b_in is not None:
+        h_RH = h_RH + mlp.b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+    a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
+    y_AD = grouped_mm_scatter(a_RF, w_out, order_R, counts_E, num_out)
+    if mlp.b_out is not None:
+        b_out_RD = mlp.b_out.to(y_AD.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
+        # Only routed rows get the bias: dropped and padded assignments stay zero.
+        y_AD = y_AD + b_out_RD if order_R is None else y_AD.index_add(0, order_R, b_out_RD)
+    return y_AD

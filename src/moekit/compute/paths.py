@@ -1,0 +1,261 @@
+"""Compute paths: how the experts' part of an MoE layer runs, one record per path.
+
+Every path has a **rows** form: experts on rows already grouped by expert,
+``(experts, x_RD, counts_E) -> y_RD``. Any dispatcher can use it (the local one,
+expert parallelism on the rows it received, the expert-choice and Soft MoE plans).
+Some paths also have a **routed** form that goes from tokens to the combined output of
+a token-choice plan in one pass, ``(experts, x_TD, plan, out_dtype) -> y_TD``, skipping
+the (R, D) row tensors; a dispatcher that holds the tokens locally runs it.
+
+The record says what the path needs (``missing``: None when it can run these experts
+on this input, else what is missing), whether it plans capacity the plain way
+(``reference_plan``, the loop reference), its place in ``auto`` and the devices
+``moekit bench`` times it on. ``register_compute_path`` adds one; ``resolve_path``
+turns a name (or ``"auto"``) into a record. A path asks the experts for the traits it
+needs (``stacked_mlp``), never for their class.
+
+Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import mlp
+from .ops import weighted_sum
+from .precision import compute_dtype
+from .switches import Switches, current
+
+
+@dataclass(frozen=True)
+class AutoContext:
+    """What ``auto`` decides on: the experts, the tokens, K, whether the dispatcher
+    can run routed forms, and the process switches (one snapshot)."""
+
+    experts: nn.Module
+    x_TD: Tensor
+    top_k: int
+    fuses: bool
+    switches: Switches
+
+
+@dataclass(frozen=True)
+class ComputePath:
+    """One way to compute the experts (see the module docstring).
+
+    Attributes:
+        name: the name ``MoEConfig.compute`` selects it by.
+        summary: one line for error messages and docs.
+        rows: experts on rows grouped by expert, or None for a path that only fuses.
+        routed: tokens to combined output for a token-choice plan, or None.
+        missing: ``(experts, x) -> str | None``, what is missing to run (x may be a meta
+            tensor: the layer checks a path when it is built).
+        reference_plan: plan capacity the plain way (one expert at a time) instead of by
+            sorting, when the dispatcher can.
+        auto_rank: place in ``auto`` (lower first), None: never picked by ``auto``.
+        auto_when: ``(AutoContext) -> bool``, when ``auto`` takes this path (if supported).
+        benchmark_devices: device types ``moekit bench`` times this path on by default.
+    """
+
+    name: str
+    summary: str
+    rows: Callable[[nn.Module, Tensor, Tensor], Tensor] | None
+    routed: Callable[..., Tensor] | None = None
+    missing: Callable[[nn.Module, Tensor], str | None] = lambda experts, x: None
+    reference_plan: bool = False
+    auto_rank: int | None = None
+    auto_when: Callable[[AutoContext], bool] = lambda context: True
+    benchmark_devices: frozenset[str] = frozenset()
+
+
+COMPUTE_PATHS: dict[str, ComputePath] = {}
+
+
+def register_compute_path(path: ComputePath) -> ComputePath:
+    """Make ``path`` selectable as ``MoEConfig(compute=path.name)``; returns it."""
+    if path.name == "auto" or not path.name:
+        raise ValueError(f"a compute path cannot be named {path.name!r}")
+    if path.rows is None and path.routed is None:
+        raise ValueError(f"compute path {path.name!r} needs a rows form, a routed form or both")
+    COMPUTE_PATHS[path.name] = path
+    return path
+
+
+def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1, *, fuses: bool = True,
+                 switches: Switches | None = None) -> ComputePath:
+    """The record of path ``name`` for these experts and input; ``"auto"`` takes the first
+    path by ``auto_rank`` that supports them and whose ``auto_when`` holds.
+
+    ``fuses``: the dispatcher can run routed forms (False under expert parallelism).
+    Raises ``ValueError`` naming the path and what it lacks."""
+    if name == "auto":
+        context = AutoContext(experts, x_TD, top_k, fuses, switches or current())
+        ranked = sorted((p for p in COMPUTE_PATHS.values() if p.auto_rank is not None), key=lambda p: p.auto_rank)
+        for path in ranked:
+            if (path.rows is not None or fuses) and path.missing(experts, x_TD) is None and path.auto_when(context):
+                return path
+        raise ValueError(f"no compute path supports {type(experts).__name__} with {x_TD.dtype} input")
+    path = COMPUTE_PATHS.get(name)
+    if path is None:
+        raise ValueError(f"unknown compute path {name!r}; valid paths: auto, {', '.join(COMPUTE_PATHS)}")
+    missing = path.missing(experts, x_TD)
+    if missing is not None:
+        raise ValueError(
+            f"compute path {name!r} needs {missing}, for {type(experts).__name__} with {x_TD.dtype} input on "
+            f"{x_TD.device.type}; use compute='auto' or one of {', '.join(COMPUTE_PATHS)}"
+        )
+    return path
+
+
+# --- rows forms -----------------------------------------------------------------------
+
+
+def rows_one_expert_at_a_time(experts: nn.Module, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """Each expert's ``forward_expert`` on its block of rows: the readable reference."""
+    counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
+    pieces = [experts.forward_expert(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0]
+    if not pieces:
+        return x_RD.new_zeros(0, x_RD.shape[1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def rows_by_the_experts(experts: nn.Module, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """The experts' own rows form, ``experts(x_RD, counts_E)``."""
+    return experts(x_RD, counts_E)
+
+
+# --- routed forms (token-choice plans: moekit.dispatch.plans.TokenChoicePlan) ---------
+
+
+def loop_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """Reference: for each expert, find its kept assignments, run it on their tokens, add
+    weight · output to each token."""
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=plan.weights_TK.dtype)
+    for e in range(experts.num_experts):
+        chosen_TK = plan.indices_TK == e
+        if plan.kept_TK is not None:
+            chosen_TK = chosen_TK & plan.kept_TK
+        tokens, slots = torch.nonzero(chosen_TK, as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        out_ND = experts.forward_expert(e, x_TD[tokens])
+        y_TD = y_TD.index_add(0, tokens, plan.weights_TK[tokens, slots, None] * out_ND.to(y_TD.dtype))
+    return y_TD.to(out_dtype)
+
+
+def small_batch_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """For a handful of tokens (decoding): group assignments by expert on the host and run
+    each chosen expert once, with as few tensor ops as possible."""
+    T, K = plan.indices_TK.shape
+    experts_flat = plan.indices_TK.reshape(-1).tolist()  # NOTE: .tolist() syncs with the device
+    weights_TK = plan.weights_TK
+    if T == 1 and plan.kept_TK is None:
+        # One token: each chosen expert on x itself, weights taken by slicing; no index tensors.
+        y_1D = None
+        for k, e in enumerate(experts_flat):
+            term = weights_TK[:, k:k + 1] * experts.forward_expert(e, x_TD).to(weights_TK.dtype)
+            y_1D = term if y_1D is None else y_1D + term
+        return y_1D.to(out_dtype)
+    keep_flat = plan.kept_TK.reshape(-1).tolist() if plan.kept_TK is not None else None
+    by_expert: dict[int, list[int]] = {}
+    for assignment, e in enumerate(experts_flat):
+        if keep_flat is None or keep_flat[assignment]:
+            by_expert.setdefault(e, []).append(assignment)
+    weights_A = weights_TK.reshape(-1)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=weights_TK.dtype)
+    for e, assignments in by_expert.items():
+        a_N = torch.tensor(assignments, device=x_TD.device)
+        tokens_N = a_N // K
+        out_ND = experts.forward_expert(e, x_TD.index_select(0, tokens_N))
+        y_TD = y_TD.index_add(0, tokens_N, weights_A[a_N, None] * out_ND.to(y_TD.dtype))
+    return y_TD.to(out_dtype)
+
+
+def fused_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """Each expert's token gather, MLP and weighted scatter-add in one autograd node."""
+    return mlp.routed_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
+
+
+def triton_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """Token gather and un-permute inside the Triton GEMMs, then the weighted sum over K."""
+    T, K = plan.indices_TK.shape
+    y_AD = mlp.triton_rows(experts, x_TD, plan.counts_E, plan.order_R, K, T * K)
+    return weighted_sum(y_AD.view(T, K, x_TD.shape[1]), plan.weights_TK, out_dtype)
+
+
+# --- what each path needs, and when auto takes it ----------------------------------------
+
+
+def _fused_missing(experts: nn.Module, x: Tensor) -> str | None:
+    if not getattr(experts, "stacked_mlp", False):
+        return f"stacked MLP experts (got {type(experts).__name__})"
+    # A per-expert loop from host-side counts: on a GPU grouped_mm does the same without a sync.
+    if x.device.type not in ("cpu", "meta"):
+        return f"a CPU input (got {x.device.type})"
+    return None
+
+
+# On CPU, "auto" runs "fused" when the (T·K, D) row tensors of the sorted paths would
+# be at least 32 MiB: glibc maps blocks that large fresh and unmaps them on free, so
+# each step page-faults them in again, which costs more than fused's per-expert loop
+# (fine-grained shape: 1.2× faster forward + backward). With freed memory kept, and
+# for 16-bit inputs, grouped_mm is as fast or faster (BENCHMARKS.md, "The fused path").
+FUSED_MIN_ROW_BYTES = 32 << 20
+
+
+def _fused_pays(context: AutoContext) -> bool:
+    x, switches = context.x_TD, context.switches
+    itemsize = compute_dtype(x).itemsize
+    return (
+        context.fuses
+        and x.device.type == "cpu"
+        and itemsize >= 4
+        and x.shape[0] * context.top_k * x.shape[1] * itemsize >= FUSED_MIN_ROW_BYTES
+        and not switches.freed_memory_kept
+        and not switches.compiling  # its host-side loop would break the graph
+    )
+
+
+def _one_cpu_token(context: AutoContext) -> bool:
+    # From two tokens on, one grouped_mm over all experts is faster than a loop over the
+    # chosen ones (measured at the standard and fine-grained shapes, BENCHMARKS.md); on
+    # a GPU small_batch's host syncs cost more than they save.
+    return context.fuses and context.x_TD.shape[0] == 1 and context.x_TD.device.type == "cpu"
+
+
+for _path in (
+    ComputePath(
+        name="loop", summary="each expert on its tokens, one at a time (the reference)",
+        rows=rows_one_expert_at_a_time, routed=loop_tokens, reference_plan=True, auto_rank=50,
+    ),
+    ComputePath(
+        name="small_batch", summary="assignments grouped on the host, each chosen expert once (decoding)",
+        rows=rows_one_expert_at_a_time, routed=small_batch_tokens, reference_plan=True, auto_rank=10,
+        auto_when=_one_cpu_token,
+    ),
+    ComputePath(
+        name="segment", summary="rows sorted by expert, the experts' own rows form",
+        rows=rows_by_the_experts, auto_rank=40, benchmark_devices=frozenset({"cpu"}),
+    ),
+    ComputePath(
+        name="fused", summary="per expert: gather, MLP and weighted scatter-add in one node, no (R, D) rows (CPU)",
+        rows=mlp.routed_rows, routed=fused_tokens, missing=_fused_missing, auto_rank=20, auto_when=_fused_pays,
+        benchmark_devices=frozenset({"cpu"}),
+    ),
+    ComputePath(
+        name="grouped_mm", summary="rows sorted by expert, one torch grouped_mm per projection",
+        rows=mlp.grouped_rows, missing=lambda experts, x: mlp.grouped_mm_missing(experts, compute_dtype(x)),
+        auto_rank=30, benchmark_devices=frozenset({"cpu", "cuda"}),
+    ),
+    # Slower than grouped_mm on an H100 at every case measured (BENCHMARKS.md): not in auto.
+    ComputePath(
+        name="triton", summary="Triton grouped GEMMs that gather and scatter rows in the kernel",
+        rows=lambda experts, x_RD, counts_E: mlp.triton_rows(experts, x_RD, counts_E), routed=triton_tokens,
+        missing=lambda experts, x: mlp.triton_missing(experts, compute_dtype(x), x.device.type),
+    ),
+):
+    register_compute_path(_path)

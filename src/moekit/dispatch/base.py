@@ -1,0 +1,93 @@
+"""The dispatcher contract, and the records it reads and writes.
+
+A dispatcher turns a routing record into rows grouped by expert and back:
+
+- ``plan(routing, capacity, path) -> plan``: what goes where (``dispatch.plans``),
+  with capacity applied;
+- ``fuses(path, plan) -> bool``: whether ``path``'s routed form can run this plan
+  here, from tokens to combined output with no (R, D) rows (never when the class
+  says ``routed_forms = False``);
+- ``dispatch(x_TD, plan) -> (x_RD, counts_E)``: the rows the experts held here
+  compute, grouped by expert;
+- ``combine(y_RD, plan, out_dtype) -> y_TD``: their outputs back into one per token;
+- ``report(routing, plan) -> (Dispatched, losses)``: rows per expert, kept and
+  dropped assignments, and the losses to weigh (the router's, or, under expert
+  parallelism, those of the global batch). Collective for dispatchers that span
+  processes: every rank calls it once per forward.
+
+``LocalDispatcher`` (``dispatch.local``) keeps everything in the process;
+``moekit.parallel.ExpertParallelDispatcher`` adds an all-to-all between the steps.
+The experts never know which one ran.
+
+Shapes: T tokens, D model dim, E experts, K experts per token, R rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many assignments each expert may keep.
+
+    Attributes:
+        per_expert: assignments per expert (per group), None: dropless.
+        group_size: consecutive tokens capacity applies to (one sequence, as Switch
+            Transformers does), None: all the tokens of the call.
+        drop_priority: ``probability`` (highest router probability first) or
+            ``position`` (first choices before second, earlier tokens first).
+    """
+
+    per_expert: int | None = None
+    group_size: int | None = None
+    drop_priority: str = "probability"
+
+
+DROPLESS = Capacity()
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What dispatch made of a routing record.
+
+    Attributes:
+        tokens_per_expert_E: rows each expert processed (assignments, tokens or slots;
+            under expert parallelism, summed over the ranks of the group).
+        kept_TK: token-choice assignments that reached an expert, or None when all did
+            (or the plan is not token choice).
+        num_dropped: assignments of real tokens dropped for capacity (this process's),
+            or None when the plan drops nothing by construction.
+    """
+
+    tokens_per_expert_E: Tensor
+    kept_TK: Tensor | None
+    num_dropped: Tensor | None
+
+
+class Dispatcher:
+    """Base class of dispatchers; see the module docstring for the contract.
+
+    ``routed_forms``: whether this dispatcher can run compute paths' routed forms at all
+    (it holds the tokens and every expert in one process)."""
+
+    routed_forms: bool = False
+
+    def plan(self, routing, capacity: Capacity, path):
+        raise NotImplementedError
+
+    def fuses(self, path, plan) -> bool:
+        return False
+
+    def dispatch(self, x_TD: Tensor, plan) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def combine(self, y_RD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def report(self, routing, plan) -> tuple[Dispatched, Mapping[str, Tensor]]:
+        raise NotImplementedError

@@ -1,0 +1,162 @@
+"""Expert-parallel dispatch: experts sharded by id over a ``torch.distributed`` group.
+
+Rank p of an expert-parallel (EP) group of P ranks holds experts
+[p·L, (p+1)·L), L = E/P. ``ExpertParallelDispatcher`` has the local dispatcher's
+contract (``moekit.dispatch.base``) with an all-to-all between its steps:
+
+1. plan: the local plan (any kind: token choice sorted by global expert id,
+   expert choice, Soft MoE), so the rows are already grouped by destination
+   rank; then an integer all-to-all of per-expert row counts, validated (gloo
+   does not check that ranks agree on split sizes);
+2. dispatch: gather the rows, send them with ``all_to_all_single`` (uneven
+   splits), regroup them from (source rank, expert) to (expert, source rank) order;
+3. the layer runs the local experts on its compute path's rows form;
+4. combine: undo the regrouping, send the results back, combine as locally.
+
+Autograd flows through both all-to-alls. Every rank runs both backward
+collectives whatever it routed, so a rank with no tokens does not hang the others.
+
+``report`` sums over the group, in one all-reduce, the sums every weighted loss
+of the router is a formula of (``moekit.routing.losses``) and the rows per
+expert: an EP run reports the losses and loads of the single-process run on
+the concatenated batch. ``kept_TK`` and ``num_dropped`` stay this rank's.
+
+Shapes: T tokens on this rank, D model dim, E experts (global), L local experts
+(E/P), P ranks in the EP group, R rows this rank routes, N rows this rank's
+experts receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..compute.ops import permute_rows
+from ..dispatch import Capacity, Dispatched, Dispatcher, make_plan
+from ..dispatch.capacity import sort_keys
+from ..routing.losses import LOSS_SUMS, losses_from_sums
+from .collectives import (
+    all_reduce_sum,
+    all_to_all,
+    all_to_all_rows,
+    check_received_counts,
+    check_send_splits,
+)
+
+
+@dataclass
+class ExchangePlan:
+    """The local plan and the exchange around it.
+
+    Attributes:
+        local: this rank's plan for its own tokens (rows by global expert id).
+        send_splits, recv_splits: rows sent to / received from each rank.
+        counts_L: rows each local expert receives, over all ranks.
+        by_expert_N, by_source_N: the regrouping of received rows and its inverse.
+        received_ND: the rows ``dispatch`` handed to the experts (set by it), so that
+            ``combine`` can keep the backward all-to-all on this rank's graph whatever the
+            experts return (an expert with no rows may return a fresh empty tensor).
+    """
+
+    local: object
+    send_splits: list[int]
+    recv_splits: list[int]
+    counts_L: Tensor
+    by_expert_N: Tensor
+    by_source_N: Tensor
+    received_ND: Tensor | None = None
+
+
+class ExpertParallelDispatcher(Dispatcher):
+    """The dispatcher of one MoE layer whose experts are sharded over ``group``.
+
+    Args:
+        group: the EP process group; its size P must divide ``num_experts``.
+        num_experts: E, over all ranks.
+        global_losses: the losses the router reports as formulas of sums over tokens;
+            ``report`` computes them over the global batch.
+    """
+
+    routed_forms = False
+
+    def __init__(self, group, num_experts: int, global_losses: frozenset[str] = frozenset()):
+        self.group, self.num_experts, self.global_losses = group, num_experts, frozenset(global_losses)
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.ep_size})"
+            )
+        self.num_local = num_experts // self.ep_size
+        self.first_expert = self.ep_rank * self.num_local
+
+    def __deepcopy__(self, memo) -> ExpertParallelDispatcher:
+        # Process groups are shared handles, not copyable state.
+        return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses)
+
+    def exchange_counts(self, counts_E: Tensor) -> Tensor:
+        """Integer all-to-all of per-expert row counts: (P, L) received from each rank."""
+        P, L = self.ep_size, self.num_local
+        counts_PL = counts_E.view(P, L)
+        send_PC = torch.cat([counts_PL, counts_PL.sum(1, keepdim=True)], dim=1).contiguous()
+        received_PC = torch.empty_like(send_PC)
+        all_to_all(received_PC, send_PC, None, None, self.group, "all-to-all of row counts")
+        return check_received_counts(received_PC, self.ep_rank)
+
+    def plan(self, routing, capacity: Capacity, path) -> ExchangePlan:
+        P, L = self.ep_size, self.num_local
+        local = make_plan(routing, capacity)  # rows must exist to be sent: never a reference plan
+        recv_counts_PL = self.exchange_counts(local.counts_E)
+        # NOTE: .tolist() syncs with the device; the splits are host-side arguments of all_to_all_single.
+        send_splits = local.counts_E.view(P, L).sum(1).tolist()
+        recv_splits = recv_counts_PL.sum(1).tolist()
+        # Received rows come grouped by source rank, then by local expert; the experts want them by expert.
+        N = sum(recv_splits)
+        local_expert_N = torch.arange(L, device=local.counts_E.device).repeat(P).repeat_interleave(
+            recv_counts_PL.reshape(-1), output_size=N)
+        by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
+        by_source_N = torch.empty_like(by_expert_N)
+        by_source_N[by_expert_N] = torch.arange(N, device=by_expert_N.device)
+        return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), by_expert_N, by_source_N)
+
+    def dispatch(self, x_TD: Tensor, plan: ExchangePlan) -> tuple[Tensor, Tensor]:
+        x_RD, _ = plan.local.gather(x_TD)
+        if torch.is_grad_enabled() and not x_RD.requires_grad:
+            # Every rank must run the backward all-to-all of rows, whether or not its own input needs a gradient.
+            x_RD = x_RD.detach().requires_grad_()
+        check_send_splits(plan.send_splits, x_RD.shape[0], self.ep_rank)
+        x_ND = all_to_all_rows(x_RD, plan.send_splits, plan.recv_splits, self.group)
+        plan.received_ND = permute_rows(x_ND, plan.by_expert_N, plan.by_source_N)
+        return plan.received_ND, plan.counts_L
+
+    def combine(self, y_ND: Tensor, plan: ExchangePlan, out_dtype: torch.dtype) -> Tensor:
+        x_ND = plan.received_ND
+        if x_ND is not None and x_ND.requires_grad:
+            # Every rank must reach the backward all-to-all of its received rows, so their
+            # gradient must flow back from the output: tie them in when the experts did not.
+            if y_ND.shape[0] == 0:
+                y_ND = y_ND + x_ND[:, :0].sum(1, keepdim=True)
+            elif not y_ND.requires_grad:
+                y_ND = y_ND + 0 * x_ND.sum()
+        y_ND = permute_rows(y_ND, plan.by_source_N, plan.by_expert_N)
+        y_RD = all_to_all_rows(y_ND, plan.recv_splits, plan.send_splits, self.group)
+        return plan.local.combine(y_RD, out_dtype)
+
+    def report(self, routing, plan: ExchangePlan) -> tuple[Dispatched, Mapping[str, Tensor]]:
+        """Losses and rows per expert over the group's tokens, from one all-reduce."""
+        local = plan.local.dispatched()
+        names = [name for name in routing.losses if name in self.global_losses]
+        sum_names = list(dict.fromkeys(s for name in names for s in LOSS_SUMS[name]))
+        dtype = routing.probs_TE.dtype
+        device = local.tokens_per_expert_E.device
+        pieces = [torch.as_tensor(routing.sums[s], dtype=dtype, device=device).reshape(-1) for s in sum_names]
+        sizes = [p.numel() for p in pieces]
+        global_S = all_reduce_sum(torch.cat([*pieces, local.tokens_per_expert_E.to(dtype)]), self.group)
+        *sums, processed_E = global_S.split([*sizes, self.num_experts])
+        shaped = {s: v.reshape(torch.as_tensor(routing.sums[s]).shape) for s, v in zip(sum_names, sums, strict=True)}
+        losses = losses_from_sums(names, shaped, self.num_experts)
+        return Dispatched(processed_E.detach().round().long(), local.kept_TK, local.num_dropped), losses

@@ -1,0 +1,176 @@
+"""Training on several processes: the process group and mesh, and the reductions a trainer needs.
+
+``torchrun`` starts the processes and ``moekit.parallel`` carries the collectives:
+
+- ``setup_parallel``: the process group (with its timeout) and the (dp, ep) mesh,
+  as a ``ParallelContext`` (rank, share of a batch, means over ranks, agreement checks);
+- ``parallelize``: shard a model's MoE layers over the EP group, wrap it in DDP for
+  the replicated parameters;
+- ``reduce_gradients``: expert gradients to those of the global mean loss;
+- ``clip_grad_norm``: the global gradient norm when each rank holds different experts;
+- ``reduce_routing_sums``: per-layer routing sums (loads, entropy, drops) over every
+  rank's tokens, for the metrics log.
+
+Shapes: B global batch (sequences), E experts, L local experts (E / EP size).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .setup import (
+    data_parallel,
+    expert_parallel,
+    expert_parallel_mesh,
+    init_distributed,
+    moe_layers,
+)
+from .state import expert_dispatchers, is_sharded
+
+
+@dataclass
+class ParallelContext:
+    """Where this process stands: its rank, the (dp, ep) mesh, and the EP size."""
+
+    mesh: DeviceMesh
+    ep_size: int
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder; the others only compute."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def share(self, rows_B: Tensor) -> Tensor:
+        """This rank's contiguous share of a batch's rows (rank r gets the r-th of world_size slices)."""
+        return rows_B.tensor_split(self.world_size)[self.rank]
+
+    @property
+    def device(self) -> torch.device:
+        """Where collectives' tensors live: NCCL carries only CUDA tensors."""
+        return torch.device(self.mesh.device_type)
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean over ranks of each value (one all-reduce)."""
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return (total / self.world_size).tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on one (stop requests must agree, or the ranks desynchronise)."""
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def check_same(self, what: str, value) -> None:
+        """Raise the same ``ValueError`` on every rank when ``value`` differs from rank 0's."""
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        for rank, theirs in enumerate(values[1:], start=1):
+            if theirs != values[0]:
+                raise ValueError(f"{what} differs across ranks: rank 0 has {values[0]!r}, rank {rank} has {theirs!r}; "
+                                 "every rank must read the same data with the same settings")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu") -> ParallelContext:
+    """The process group from torchrun's environment (unless one exists) and the (dp, ep) mesh."""
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"expert-parallel size ({ep_size!r}) must be a positive integer")
+    if not timeout_s > 0:
+        raise ValueError(f"distributed timeout ({timeout_s!r} s) must be positive")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                f"expert-parallel size {ep_size} needs {ep_size} processes (or a multiple); start them with "
+                f"torchrun, e.g. `torchrun --nproc-per-node {ep_size} -m moekit train --expert-parallel {ep_size} ...`"
+            )
+        init_distributed(backend="nccl" if torch.device(device).type == "cuda" else "gloo", timeout_s=timeout_s)
+    world = dist.get_world_size()
+    if world % ep_size != 0:
+        raise ValueError(f"expert-parallel size ({ep_size}) must divide the number of processes ({world})")
+    return ParallelContext(expert_parallel_mesh(ep_size, torch.device(device).type), ep_size)
+
+
+def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
+    """Shard ``model``'s MoE layers over the EP group (EP > 1) in place; return the module to
+    call for training steps (DDP over all ranks for everything that is not a sharded expert)."""
+    if parallel.ep_size > 1:
+        layers = moe_layers(model)
+        if not layers:
+            raise ValueError(f"expert-parallel size {parallel.ep_size} asked for, but the model has no MoE layer")
+        num_experts = layers[0][1].config.num_experts
+        if num_experts % parallel.ep_size:
+            raise ValueError(f"experts per layer ({num_experts}) must be divisible by the expert-parallel size "
+                             f"({parallel.ep_size})")
+        expert_parallel(model, parallel.mesh.get_group("ep"))
+    if parallel.world_size == 1:
+        return model
+    # The buffers are the rotary tables, equal on every rank: nothing to broadcast each step
+    # (torch 2.13 renamed the option; older versions know only the first name).
+    ddp_options = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
+    return data_parallel(model, **{no_buffer_sync: False})
+
+
+def reduce_gradients(model: nn.Module, parallel: ParallelContext) -> None:
+    """After backward: DDP has averaged the replicated gradients; bring the sharded experts'
+    gradients to those of the global mean loss too."""
+    from .setup import reduce_expert_gradients
+
+    if is_sharded(model):
+        reduce_expert_gradients(model, parallel.mesh)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ParallelContext | None) -> Tensor:
+    """``clip_grad_norm_`` over the whole model, whose experts may be spread over the EP group:
+    the squared norm of the experts held here is summed over the EP group (after the gradient
+    reduction the ranks of a dp group hold the same expert gradients), the replicated
+    parameters' counted once. Returns the total norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if parallel is None or not is_sharded(model):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    experts = expert_dispatchers(model)
+    replicated_norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in experts])
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in experts]).square()
+    dist.all_reduce(expert_sq, group=parallel.mesh.get_group("ep"))
+    total = (replicated_norm.square() + expert_sq).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def reduce_routing_sums(sums_L: list[Tensor], parallel: ParallelContext, sharded: bool) -> list[Tensor]:
+    """Per-layer routing sums (``train.metrics.routing_sums``: E loads, then entropy, tokens and
+    drops) over every rank's tokens. Loads are summed over the ranks that do not already share
+    them: an expert-parallel layer reports the loads of its whole EP group."""
+    if not sums_L:
+        return sums_L
+    packed_LS = torch.stack(sums_L).to(parallel.device)
+    loads_LE, rest_LS = packed_LS[:, :-3].clone(), packed_LS[:, -3:].contiguous()
+    dist.all_reduce(rest_LS)
+    dp_group = parallel.mesh.get_group("dp") if parallel.mesh["dp"].size() > 1 else None
+    if not sharded:
+        dist.all_reduce(loads_LE)
+    elif dp_group is not None:
+        dist.all_reduce(loads_LE, group=dp_group)
+    return list(torch.cat([loads_LE, rest_LS], dim=1).cpu().unbind(0))
