@@ -73,3 +73,121 @@ def test_config_and_kwargs_together_is_an_error():
     config = MoEConfig(d_model=4, d_ff=8, num_experts=2)
     with pytest.raises(TypeError, match="either a config or keyword fields"):
         MoE(config, top_k=1)
+
+
+# --- per-router options, the flat adapter and records older run folders hold ----------
+
+# What MoEConfig records looked like before router options were nested (dataclasses.asdict
+# of the flat config, as config.json and demo.json hold them).
+_FLAT_COMMON = {"expert": "swiglu", "activation": "gelu", "expert_bias": False, "normalize_weights": True,
+                "capacity_factor": None, "expert_capacity": None, "capacity_per_sequence": False,
+                "drop_priority": "probability", "router_jitter": 0.0, "load_balance_coef": 0.01, "z_loss_coef": 0.0,
+                "importance_coef": 0.0, "load_coef": 0.0, "second_expert_policy": "all", "num_expert_groups": 1,
+                "topk_groups": 1, "routed_scaling_factor": 1.0, "bias_update_rate": 0.001,
+                "sequence_balance_coef": 0.0, "slots_per_expert": 1, "soft_normalize": True, "hash_vocab_size": None,
+                "hash_seed": 0, "num_shared_experts": 0, "shared_d_ff": 8, "shared_expert_gate": False,
+                "router_logit_bias": False, "compute": "auto", "check_finite": False, "debug_balanced_routing": False}
+OLD_RECORDS = {
+    "topk": ({**_FLAT_COMMON, "d_model": 64, "d_ff": 128, "num_experts": 8, "top_k": 2, "router": "topk",
+              "z_loss_coef": 0.001, "shared_d_ff": 128},
+             dict(d_model=64, d_ff=128, num_experts=8, top_k=2, z_loss_coef=0.001)),
+    "sigmoid": ({**_FLAT_COMMON, "d_model": 16, "d_ff": 8, "num_experts": 8, "top_k": 2, "router": "sigmoid",
+                 "num_expert_groups": 4, "topk_groups": 2, "routed_scaling_factor": 2.5, "num_shared_experts": 1},
+                dict(d_model=16, d_ff=8, num_experts=8, router="sigmoid", num_expert_groups=4, topk_groups=2,
+                     routed_scaling_factor=2.5, num_shared_experts=1)),
+    "expert_choice": ({**_FLAT_COMMON, "d_model": 16, "d_ff": 8, "num_experts": 4, "top_k": 2,
+                       "router": "expert_choice", "capacity_factor": 1.5},
+                      dict(d_model=16, d_ff=8, num_experts=4, router="expert_choice", capacity_factor=1.5)),
+    "grown_topk": ({**_FLAT_COMMON, "d_model": 16, "d_ff": 8, "num_experts": 6, "top_k": 2, "router": "topk",
+                    "router_logit_bias": True},
+                   dict(d_model=16, d_ff=8, num_experts=6, top_k=2, router_logit_bias=True)),
+    "hash": ({**_FLAT_COMMON, "d_model": 16, "d_ff": 8, "num_experts": 4, "top_k": 1, "router": "hash",
+              "hash_vocab_size": 50},
+             dict(d_model=16, d_ff=8, num_experts=4, router="hash", hash_vocab_size=50)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_RECORDS))
+def test_records_of_older_run_folders_load_as_the_same_config(name):
+    import dataclasses
+
+    from moekit.models.lm import LMConfig
+
+    old, flat_kwargs = OLD_RECORDS[name]
+    config = MoEConfig.from_dict(old)
+    assert config == MoEConfig(**flat_kwargs)
+    assert MoEConfig.from_dict(dataclasses.asdict(config)) == config  # and the nested record round-trips
+    if name != "expert_choice":  # not causal: no language model takes it
+        model = LMConfig(vocab_size=50, d_model=config.d_model, n_head=2, d_ff=32, moe=dict(old))
+        assert model.moe == config
+
+
+def test_state_dict_names_are_those_older_checkpoints_hold():
+    # As the layer named them before router options were nested (from that version's code).
+    layer = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, router="sigmoid", num_expert_groups=4, topk_groups=2,
+                          routed_scaling_factor=2.5, num_shared_experts=1, shared_expert_gate=True,
+                          router_logit_bias=True, expert_bias=True))
+    assert sorted(layer.state_dict()) == [
+        "experts.b_in", "experts.b_out", "experts.w_in", "experts.w_out", "router.expert_bias_E", "router.logit_bias",
+        "router.weight", "shared_experts.ffn.b_in", "shared_experts.ffn.b_out", "shared_experts.ffn.w_in",
+        "shared_experts.ffn.w_out", "shared_experts.gate.weight"]
+    for router, options, names in [("noisy_topk", {}, ["router.noise_weight", "router.weight"]),
+                                   ("soft", {"slots_per_expert": 2}, ["router.scale", "router.weight"]),
+                                   ("hash", {"hash_vocab_size": 50}, ["router.expert_of_token_V"])]:
+        layer = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=4, router=router, **options))
+        assert sorted(layer.state_dict()) == ["experts.w_in", "experts.w_out", *names], router
+
+
+def test_router_options_nest_and_the_flat_form_fills_them():
+    from moekit.routing import SigmoidOptions, SwitchOptions, TopKOptions
+
+    flat = MoEConfig(d_model=16, d_ff=8, num_experts=8, router="sigmoid", num_expert_groups=4, topk_groups=2,
+                     router_logit_bias=True)
+    nested = MoEConfig(d_model=16, d_ff=8, num_experts=8, router="sigmoid",
+                       router_options=SigmoidOptions(num_expert_groups=4, topk_groups=2, logit_bias=True))
+    assert flat == nested and flat.router_options.kept_groups == 2
+    assert MoEConfig(d_model=4, d_ff=4, num_experts=4).router_options == TopKOptions()
+    assert MoEConfig(d_model=4, d_ff=4, num_experts=4, router="switch").router_options == SwitchOptions(jitter=0.01)
+    with pytest.raises(TypeError, match="in router_options or as keywords \\(topk_groups\\), not both"):
+        MoEConfig(d_model=16, d_ff=8, num_experts=8, router="sigmoid", router_options=SigmoidOptions(), topk_groups=2)
+    with pytest.raises(TypeError, match="router 'switch' takes router_options of type SwitchOptions, got TopKOptions"):
+        MoEConfig(d_model=4, d_ff=4, num_experts=4, router="switch", router_options=TopKOptions())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(router="sigmoid", num_expert_groups=3), ValueError, r"num_experts \(8\) must be divisible by num_expert_groups \(3\)"),
+        (dict(router="sigmoid", num_expert_groups=4, topk_groups=5), ValueError, r"topk_groups \(5\) must be an int in \[1, 4\]"),
+        (dict(router="sigmoid", num_expert_groups=4, topk_groups=1, top_k=3), ValueError, r"top_k \(3\) must be <= topk_groups"),
+        (dict(router="sigmoid", routed_scaling_factor=0), ValueError, r"routed_scaling_factor \(0\) must be a finite number > 0"),
+        (dict(router="soft", slots_per_expert=0), ValueError, r"slots_per_expert \(0\) must be a positive integer"),
+        (dict(router="hash"), ValueError, r"router 'hash' needs hash_vocab_size"),
+        (dict(router="switch", router_jitter=1.5), ValueError, r"router_jitter \(1.5\) must be a finite number >= 0 and < 1"),
+        (dict(router="expert_choice", capacity_factor=-2.0), ValueError, r"capacity_factor \(-2.0\) must be a finite number > 0"),
+        (dict(router="expert_choice", expert_capacity=3), ValueError, r"expert_capacity \(3\) applies to token-choice routers"),
+        # An option of another router changes nothing when left at its default, and is refused otherwise.
+        (dict(router="switch", normalize_weights=False), ValueError, r"normalize_weights \(False\) is an option of router 'topk' / 'sigmoid', not of 'switch'"),
+        (dict(router="topk", slots_per_expert=3), ValueError, r"slots_per_expert \(3\) is an option of router 'soft', not of 'topk'"),
+        (dict(router="topk", frobnicate=1), TypeError, r"unexpected keyword argument 'frobnicate'"),
+    ],
+)
+def test_each_router_validates_its_own_options(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        MoEConfig(**{"d_model": 16, "d_ff": 8, "num_experts": 8, **kwargs})
+    assert MoEConfig(d_model=16, d_ff=8, num_experts=8, router="switch", normalize_weights=True).top_k == 1
+
+
+def test_router_traits_replace_name_lists():
+    from moekit import ROUTERS
+
+    traits = {name: (cls.causal, cls.needs_token_ids, cls.default_top_k, cls.top_k_fixed, cls.token_choice,
+                     cls.growable) for name, cls in ROUTERS.items()}
+    assert traits["topk"] == (True, False, 2, False, True, True)
+    assert traits["softmax"] == (True, False, None, True, True, False)
+    assert traits["switch"] == (True, False, 1, True, True, False)
+    assert traits["hash"] == (True, True, 1, True, True, False)
+    assert traits["expert_choice"][0] is False and traits["expert_choice"][4] is False
+    assert traits["soft"][0] is False and traits["soft"][4] is False
+    for name, cls in ROUTERS.items():
+        assert cls.global_losses <= set(cls.losses), name

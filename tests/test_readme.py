@@ -7,13 +7,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pages whose examples are self-contained (distributed.md needs torchrun).
-PAGES = ["README.md", "docs/classic.md", "docs/surgery.md"]
+PAGES = ["README.md", "docs/architecture.md", "docs/classic.md", "docs/surgery.md"]
+
+
+@pytest.fixture
+def registries():
+    """Put back what a page's examples register (architecture.md adds a router, experts, a path)."""
+    from moekit import COMPUTE_PATHS, EXPERTS, ROUTERS
+
+    saved = [(registry, dict(registry)) for registry in (ROUTERS, EXPERTS, COMPUTE_PATHS)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, registries):
     path = ROOT / page
     blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
     assert blocks, f"{page} has no python code block"
+    namespace = {"__name__": "docs_example"}
     for block in blocks:
-        exec(compile(block, str(path), "exec"), {})
+        exec(compile(block, str(path), "exec", dont_inherit=True), namespace)
