@@ -90,3 +90,40 @@ def expect_ok(reports: dict, world_size: int = 2) -> list:
     if failures or missing:
         raise AssertionError("\n".join(failures + [f"ranks {missing} died without reporting"] * bool(missing)))
     return [reports[rank][1] for rank in range(world_size)]
+
+
+def check_sharded_equals_reference(reference, sharded, x, proj, rows, rank, world, tol, full_kwargs=None,
+                                   local_kwargs=None):
+    """An expert-parallel layer on this rank's ``rows`` of a batch against the single-process layer
+    on all of it: outputs, aux loss, loads, the input gradient and every parameter gradient.
+
+    Gradient convention (DDP's): the reference's loss is J = Σ y·proj + aux; rank r uses
+    J_r = P·Σ_{rows of r} y·proj + aux, so J is the mean over ranks of J_r. After
+    ``average_gradients`` the router's gradient equals the reference's, the expert shard's
+    gradients equal the reference's for those experts, and the input gradient is P times
+    the reference's. Returns (this rank's output, the reference's output)."""
+    from moekit.parallel import average_gradients
+
+    x_ref = x.clone().requires_grad_()
+    ref = reference(x_ref, **(full_kwargs or {}))
+    ((ref.y * proj).sum() + ref.aux_loss).backward()
+    x_local = x[rows].clone().requires_grad_()
+    out = sharded(x_local, **(local_kwargs or {}))
+    (world * (out.y * proj[rows]).sum() + out.aux_loss).backward()
+    average_gradients(sharded)
+    torch.testing.assert_close(out.y, ref.y[rows], **tol)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, **tol)
+    assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
+    torch.testing.assert_close(x_local.grad, world * x_ref.grad[rows], **tol)
+    num_local = sharded.experts.num_experts
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        # A parameter outside the loss (noise_weight in eval) has no grad in the reference;
+        # average_gradients gives it zeros so that every rank runs the same all-reduces.
+        expected = ref_params[name].grad
+        if expected is None:
+            expected = torch.zeros_like(ref_params[name])
+        if name.startswith("experts."):
+            expected = expected[rank * num_local:(rank + 1) * num_local]
+        torch.testing.assert_close(param.grad, expected, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    return out, ref

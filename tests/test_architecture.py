@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.distributed_harness import expect_ok, run_ranks
+from tests.distributed_harness import check_sharded_equals_reference, expect_ok, run_ranks
 from tests.helpers import assert_close_dicts, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_toy_dispatcher_sees_every_call(recipes):
 
 
 def _expert_parallel_worker(rank, world):
-    from moekit.parallel import average_gradients, expert_parallel
+    from moekit.parallel import expert_parallel
 
     load_recipes()  # this process registers the parts the same way
     reference = _toy_layer()
@@ -107,25 +107,9 @@ def _expert_parallel_worker(rank, world):
     gen = torch.Generator().manual_seed(5)
     x_TD = torch.randn(11, 8, generator=gen, dtype=torch.float64)
     proj_TD = torch.randn(11, 8, generator=gen, dtype=torch.float64)
-    x_ref = x_TD.clone().requires_grad_()
-    ref = reference(x_ref)
-    ((ref.y * proj_TD).sum() + ref.aux_loss).backward()
     rows = slice(0, 6) if rank == 0 else slice(6, 11)
-    x_local = x_TD[rows].clone().requires_grad_()
-    out = sharded(x_local)
-    (world * (out.y * proj_TD[rows]).sum() + out.aux_loss).backward()
-    average_gradients(sharded)
-    tol = {"rtol": 1e-12, "atol": 1e-12}
-    torch.testing.assert_close(out.y, ref.y[rows], **tol)
-    torch.testing.assert_close(out.aux_loss, ref.aux_loss, **tol)
-    assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
-    torch.testing.assert_close(x_local.grad, world * x_ref.grad[rows], **tol)
-    ref_params = dict(reference.named_parameters())
-    for name, param in sharded.named_parameters():
-        expected = ref_params[name].grad
-        if name.startswith("experts."):
-            expected = expected[2 * rank:2 * rank + 2]
-        torch.testing.assert_close(param.grad, expected, **tol, msg=name)
+    check_sharded_equals_reference(reference, sharded, x_TD, proj_TD, rows, rank, world,
+                                   {"rtol": 1e-12, "atol": 1e-12})
     return type(sharded.experts).__name__, sharded.experts.num_experts
 
 

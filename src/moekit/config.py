@@ -22,6 +22,7 @@ from .experts import EXPERTS
 from .routing import ROUTERS, RouterOptions, router_class
 
 DROP_PRIORITIES = ("probability", "position")
+LOSS_NAMES = ("load_balance", "z_loss", "importance", "load", "sequence_balance")
 
 
 @dataclass(kw_only=True, init=False)
@@ -186,8 +187,9 @@ class MoEConfig:
                 if getattr(self, name):
                     raise ValueError(f"{name} ({getattr(self, name)!r}) applies to token-choice routers; "
                                      f"router {self.router!r} is not one")
-        for name, value in self.loss_coefficients.items():
-            if not math.isfinite(value) or value < 0:
+        for name in LOSS_NAMES:
+            value = getattr(self, f"{name}_coef")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}_coef ({value!r}) must be a finite number >= 0")
         n = self.num_shared_experts
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -202,13 +204,7 @@ class MoEConfig:
     @property
     def loss_coefficients(self) -> dict[str, float]:
         """Weight of each named auxiliary loss in ``MoEOutput.aux_loss``."""
-        coefficients = {}
-        for name in ("load_balance", "z_loss", "importance", "load", "sequence_balance"):
-            value = getattr(self, f"{name}_coef")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name}_coef ({value!r}) must be a finite number >= 0")
-            coefficients[name] = float(value)
-        return coefficients
+        return {name: float(getattr(self, f"{name}_coef")) for name in LOSS_NAMES}
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take for ``num_tokens`` tokens (None: unlimited)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from .compute.paths import ComputePath, resolve_path
 from .config import MoEConfig
-from .dispatch import Capacity, Dispatched, LocalDispatcher
+from .dispatch import DROPLESS, Capacity, Dispatched, LocalDispatcher
 from .experts import ModuleExperts, SharedExperts, build_experts
 from .routing import AnyRouting, BalancedRouting, LazyMapping, forced, router_class, routing_stats
 from .routing.forcing import RoutingChoice
@@ -50,10 +49,16 @@ class MoERouting:
     dispatch: Dispatched
     losses: Mapping[str, Tensor]
 
-    @cached_property
+    @property
     def stats(self) -> LazyMapping:
-        d = self.dispatch
-        return routing_stats(self.decision, d.tokens_per_expert_E, d.kept_TK, d.num_dropped)
+        # Kept in the instance dict by hand: functools.cached_property takes a lock that
+        # torch.compile cannot trace.
+        stats = self.__dict__.get("_stats")
+        if stats is None:
+            d = self.dispatch
+            stats = self.__dict__["_stats"] = routing_stats(self.decision, d.tokens_per_expert_E, d.kept_TK,
+                                                            d.num_dropped)
+        return stats
 
     @property
     def tokens_per_expert_E(self) -> Tensor:
@@ -190,6 +195,9 @@ class MoE(nn.Module):
         return x.reshape(-1, self.config.d_model), None if mask is None else mask.reshape(-1), context
 
     def _capacity(self, x: Tensor) -> Capacity:
+        c = self.config
+        if c.capacity_factor is None and c.expert_capacity is None and c.drop_priority == DROPLESS.drop_priority:
+            return DROPLESS
         group_size = x.shape[-2] if self.config.capacity_per_sequence and x.dim() >= 3 else None
         num_tokens = group_size or x.numel() // self.config.d_model
         return Capacity(self.config.capacity(num_tokens), group_size, self.config.drop_priority)
@@ -217,8 +225,9 @@ class MoE(nn.Module):
 
     def _aux_loss(self, losses: Mapping[str, Tensor], x_TD: Tensor) -> Tensor:
         aux_loss = None
-        for name, coef in self.config.loss_coefficients.items():
-            if coef != 0 and name in losses:
+        for name in losses:
+            coef = getattr(self.config, f"{name}_coef", 0)
+            if coef != 0:
                 term = coef * losses[name]
                 aux_loss = term if aux_loss is None else aux_loss + term
         if aux_loss is None:

@@ -126,11 +126,11 @@ def test_unsupported_inputs_get_clear_errors():
         to_hf_block(None, None, "gpt2")
 
 
-def _switch_model(expert_capacity=3):
+def _switch_model(expert_capacity=3, router_bias=False):
     config = SwitchTransformersConfig(vocab_size=101, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
                                       num_decoder_layers=2, num_sparse_encoder_layers=1,
                                       num_sparse_decoder_layers=1, num_experts=4,
-                                      expert_capacity=expert_capacity, dropout_rate=0.0)
+                                      expert_capacity=expert_capacity, dropout_rate=0.0, router_bias=router_bias)
     torch.manual_seed(0)
     model = SwitchTransformersForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -154,6 +154,20 @@ def test_switch_block_matches_with_per_sequence_capacity(path):
         back = to_hf_block(moe, model.config, "SwitchTransformersSparseMLP")
         for name, value in block.state_dict().items():
             assert torch.equal(back.state_dict()[name], value), name
+
+
+def test_switch_router_bias_becomes_the_routers_logit_bias():
+    model = _switch_model(router_bias=True)
+    block = next(m for m in model.modules() if type(m).__name__ == "SwitchTransformersSparseMLP")
+    with torch.no_grad():
+        block.router.classifier.bias.normal_(std=2.0)  # large enough to change which expert wins
+    moe = from_hf_block(block, model.config).eval()
+    assert moe.config.router_options.logit_bias
+    assert torch.equal(moe.router.logit_bias, block.router.classifier.bias)
+    x = torch.randn(3, 8, 32)
+    torch.testing.assert_close(moe(x).y, block(x), rtol=1e-5, atol=1e-5)
+    back = to_hf_block(moe, model.config, "SwitchTransformersSparseMLP")
+    assert torch.equal(back.router.classifier.bias, block.router.classifier.bias)
 
 
 def test_switch_whole_model_logits_match():

@@ -1,12 +1,6 @@
-"""Expert parallelism on 2 gloo processes equals the single-process layer.
-
-Gradient convention (DDP's): the reference runs on the concatenated global
-batch with loss J = Σ_t y_t·proj_t + aux. Rank r, holding its share of the
-batch, uses J_r = P·Σ_{t∈r} y_t·proj_t + aux, so that J is the mean over ranks
-of J_r. After ``average_gradients`` every rank's router gradient equals the
-reference's, its expert shard's gradients equal the reference's for those
-experts, and its input gradient is P times the reference's (raw gradients are
-those of Σ_r J_r = P·J).
+"""Expert parallelism on 2 gloo processes equals the single-process layer (on the concatenated
+batch, or, where a rule applies per rank's tokens, on each rank's batch alone); the gradient
+convention is that of ``tests.distributed_harness.check_sharded_equals_reference``.
 
 Shapes: T tokens, D model dim, E experts, P ranks.
 """
@@ -17,11 +11,10 @@ import copy
 
 import pytest
 import torch
-from tests.distributed_harness import expect_ok, run_ranks
+from tests.distributed_harness import check_sharded_equals_reference, expect_ok, run_ranks
 
 from moekit import MoE, MoEConfig
 from moekit.parallel import (
-    average_gradients,
     check_fingerprints,
     check_received_counts,
     check_send_splits,
@@ -67,38 +60,16 @@ def _check_parity(rank, world, scenario):
     for layer in (reference, sharded):
         layer.train(scenario.get("train", True))
     x_TD, proj_TD, mask_T = _batch(sizes, config_kwargs["d_model"], dtype, steer, masked)
-
-    x_ref = x_TD.clone().requires_grad_()
-    ref = reference(x_ref, mask=mask_T)
-    ((ref.y * proj_TD).sum() + ref.aux_loss).backward()
-
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    x_local = x_TD[start:stop].clone().requires_grad_()
-    out = sharded(x_local, mask=None if mask_T is None else mask_T[start:stop])
-    (world * (out.y * proj_TD[start:stop]).sum() + out.aux_loss).backward()
-    average_gradients(sharded)
-
-    torch.testing.assert_close(out.y, ref.y[start:stop], **tol)
-    torch.testing.assert_close(out.aux_loss, ref.aux_loss, **tol)
+    out, ref = check_sharded_equals_reference(
+        reference, sharded, x_TD, proj_TD, slice(start, stop), rank, world, tol, full_kwargs={"mask": mask_T},
+        local_kwargs={"mask": None if mask_T is None else mask_T[start:stop]})
     assert set(out.routing.losses) == set(ref.routing.losses)
     for name in ref.routing.losses:
         torch.testing.assert_close(out.routing.losses[name], ref.routing.losses[name], **tol,
                                    msg=lambda m, n=name: f"loss {n}: {m}")
-    assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
     for name in ("dead_expert_share", "max_over_mean_load"):  # functions of the global loads
         torch.testing.assert_close(out.routing.stats[name], ref.routing.stats[name], **tol)
-    torch.testing.assert_close(x_local.grad, world * x_ref.grad[start:stop], **tol)
-    num_local = sharded.experts.num_experts
-    ref_params = dict(reference.named_parameters())
-    for name, param in sharded.named_parameters():
-        # A parameter outside the loss (noise_weight in eval) has no grad in the reference;
-        # average_gradients gives it zeros so that every rank runs the same all-reduces.
-        expected = ref_params[name].grad
-        if expected is None:
-            expected = torch.zeros_like(ref_params[name])
-        if name.startswith("experts."):
-            expected = expected[rank * num_local:(rank + 1) * num_local]
-        torch.testing.assert_close(param.grad, expected, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
     return out.routing.tokens_per_expert_E.tolist()
 
 
@@ -151,18 +122,21 @@ def test_ep2_equals_ep1_outputs_losses_and_gradients():
     assert steered[2:] == [0, 0] and sum(steered) == 2 * 13  # rank 1's experts got nothing
 
 
-def _check_capacity(rank, world):
-    # Capacity applies to each rank's own tokens (GShard's groups): EP = 2 equals
-    # the single-process layer run on each rank's batch separately.
-    config = {**BASE, "capacity_factor": 0.75}
+def _equals_each_ranks_batch_alone(rank, config, sizes):
+    """EP = 2 equals the single-process layer run on each rank's batch separately (loads summed)."""
     reference = _layer(config, torch.float32, False)
     sharded = expert_parallel(copy.deepcopy(reference))
-    sizes = [10, 7]
     x_TD, _, _ = _batch(sizes, BASE["d_model"], torch.float32, False, False)
     local_refs = [reference(part) for part in x_TD.split(sizes)]
     out = sharded(x_TD.split(sizes)[rank])
     torch.testing.assert_close(out.y, local_refs[rank].y, **FP32_TOL)
     assert torch.equal(out.routing.tokens_per_expert_E, sum(r.routing.tokens_per_expert_E for r in local_refs))
+    return out, local_refs
+
+
+def _check_capacity(rank, world):
+    # Capacity applies to each rank's own tokens (GShard's groups).
+    out, local_refs = _equals_each_ranks_batch_alone(rank, {**BASE, "capacity_factor": 0.75}, [10, 7])
     assert int(out.routing.num_dropped) == int(local_refs[rank].routing.num_dropped)  # this rank's drops
     assert sum(int(r.routing.num_dropped) for r in local_refs) > 0  # capacity did bind
 
@@ -181,24 +155,11 @@ def _check_sequence_routers(rank, world):
         gen = torch.Generator().manual_seed(11)
         x_BSD = torch.randn(5, 4, BASE["d_model"], generator=gen, dtype=torch.float64)
         proj_BSD = torch.randn(x_BSD.shape, generator=gen, dtype=torch.float64)
-        x_ref = x_BSD.clone().requires_grad_()
-        ref = reference(x_ref)
-        ((ref.y * proj_BSD).sum() + ref.aux_loss).backward()
         rows = slice(0, 3) if rank == 0 else slice(3, 5)
-        x_local = x_BSD[rows].clone().requires_grad_()
-        out = sharded(x_local)
-        (world * (out.y * proj_BSD[rows]).sum() + out.aux_loss).backward()
-        average_gradients(sharded)
-        torch.testing.assert_close(out.y, ref.y[rows], **FP64_TOL, msg=name)
-        torch.testing.assert_close(out.aux_loss, ref.aux_loss, **FP64_TOL, msg=name)
-        assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E), name
-        torch.testing.assert_close(x_local.grad, world * x_ref.grad[rows], **FP64_TOL, msg=name)
-        num_local = sharded.experts.num_experts
-        for param_name, param in sharded.named_parameters():
-            expected = dict(reference.named_parameters())[param_name].grad
-            if param_name.startswith("experts."):
-                expected = expected[rank * num_local:(rank + 1) * num_local]
-            torch.testing.assert_close(param.grad, expected, **FP64_TOL, msg=f"{name} {param_name}")
+        try:
+            check_sharded_equals_reference(reference, sharded, x_BSD, proj_BSD, rows, rank, world, FP64_TOL)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from err
 
 
 def _check_hash(rank, world):
@@ -215,17 +176,9 @@ def _check_hash(rank, world):
 
 
 def _check_expert_choice(rank, world):
-    # Each expert chooses among each rank's own tokens (as capacity applies per rank): EP = 2
-    # equals the single-process layer run on each rank's batch separately.
+    # Each expert chooses among each rank's own tokens, as capacity applies per rank.
     config = dict(BASE, router="expert_choice", top_k=None, capacity_factor=1.5, load_balance_coef=0.0)
-    reference = _layer(config, torch.float32, False)
-    sharded = expert_parallel(copy.deepcopy(reference))
-    sizes = [8, 6]
-    x_TD, _, _ = _batch(sizes, BASE["d_model"], torch.float32, False, False)
-    local_refs = [reference(part) for part in x_TD.split(sizes)]
-    out = sharded(x_TD.split(sizes)[rank])
-    torch.testing.assert_close(out.y, local_refs[rank].y, **FP32_TOL)
-    assert torch.equal(out.routing.tokens_per_expert_E, sum(r.routing.tokens_per_expert_E for r in local_refs))
+    _equals_each_ranks_batch_alone(rank, config, [8, 6])
 
 
 def _mismatch_worker(rank, world):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +32,7 @@ from .precision import compute_dtype
 from .switches import Switches, current
 
 
-@dataclass(frozen=True)
-class AutoContext:
+class AutoContext(NamedTuple):
     """What ``auto`` decides on: the experts, the tokens, K, whether the dispatcher
     can run routed forms, and the process switches (one snapshot)."""
 
@@ -73,6 +73,8 @@ class ComputePath:
 
 
 COMPUTE_PATHS: dict[str, ComputePath] = {}
+# The registry's records as last ranked, and the ranking auto walks (re-sorted when the registry changes).
+_ranked_cache: tuple[tuple, list] = ((), [])
 
 
 def register_compute_path(path: ComputePath) -> ComputePath:
@@ -85,6 +87,16 @@ def register_compute_path(path: ComputePath) -> ComputePath:
     return path
 
 
+def _ranked() -> list[ComputePath]:
+    """The paths ``auto`` may take, lowest rank first."""
+    global _ranked_cache
+    registered = tuple(COMPUTE_PATHS.values())
+    if registered != _ranked_cache[0]:
+        _ranked_cache = (registered, sorted((p for p in registered if p.auto_rank is not None),
+                                            key=lambda p: p.auto_rank))
+    return _ranked_cache[1]
+
+
 def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1, *, fuses: bool = True,
                  switches: Switches | None = None) -> ComputePath:
     """The record of path ``name`` for these experts and input; ``"auto"`` takes the first
@@ -94,8 +106,7 @@ def resolve_path(name: str, experts: nn.Module, x_TD: Tensor, top_k: int = 1, *,
     Raises ``ValueError`` naming the path and what it lacks."""
     if name == "auto":
         context = AutoContext(experts, x_TD, top_k, fuses, switches or current())
-        ranked = sorted((p for p in COMPUTE_PATHS.values() if p.auto_rank is not None), key=lambda p: p.auto_rank)
-        for path in ranked:
+        for path in _ranked():
             if (path.rows is not None or fuses) and path.missing(experts, x_TD) is None and path.auto_when(context):
                 return path
         raise ValueError(f"no compute path supports {type(experts).__name__} with {x_TD.dtype} input")

@@ -17,14 +17,15 @@ settings themselves, so what a call ran is a function of its inputs and one snap
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .kernels import triton_glu
 
-@dataclass(frozen=True)
-class Switches:
+
+class Switches(NamedTuple):
     freed_memory_kept: bool
     fused_glu: bool | None
     compiling: bool
@@ -63,8 +64,6 @@ def fused_glu(value: bool | None):
 
 def use_fused_glu(h: Tensor) -> bool:
     """Whether a GLU activation on ``h`` should run the fused Triton kernel."""
-    from .kernels import triton_glu
-
     setting = _settings["fused_glu"]
     if setting is False or torch.compiler.is_compiling():
         return False  # the compiler fuses the torch ops itself; a kernel call would break the graph

@@ -24,7 +24,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,22 +51,35 @@ class Capacity:
 DROPLESS = Capacity()
 
 
-@dataclass(frozen=True)
 class Dispatched:
-    """What dispatch made of a routing record.
+    """What dispatch made of a routing record, made once by the dispatcher.
 
     Attributes:
         tokens_per_expert_E: rows each expert processed (assignments, tokens or slots;
-            under expert parallelism, summed over the ranks of the group).
+            under expert parallelism, summed over the ranks of the group). A plan that
+            did not need them counts them when first read (a decoding step never does).
         kept_TK: token-choice assignments that reached an expert, or None when all did
             (or the plan is not token choice).
         num_dropped: assignments of real tokens dropped for capacity (this process's),
             or None when the plan drops nothing by construction.
     """
 
-    tokens_per_expert_E: Tensor
-    kept_TK: Tensor | None
-    num_dropped: Tensor | None
+    __slots__ = ("_tokens_per_expert_E", "kept_TK", "num_dropped")
+
+    def __init__(self, tokens_per_expert_E: Tensor | Callable[[], Tensor], kept_TK: Tensor | None,
+                 num_dropped: Tensor | None):
+        self._tokens_per_expert_E = tokens_per_expert_E
+        self.kept_TK, self.num_dropped = kept_TK, num_dropped
+
+    @property
+    def tokens_per_expert_E(self) -> Tensor:
+        if not isinstance(self._tokens_per_expert_E, Tensor):
+            self._tokens_per_expert_E = self._tokens_per_expert_E()
+        return self._tokens_per_expert_E
+
+    def __repr__(self) -> str:
+        return (f"Dispatched(tokens_per_expert_E={self.tokens_per_expert_E!r}, kept_TK={self.kept_TK!r}, "
+                f"num_dropped={self.num_dropped!r})")
 
 
 class Dispatcher:

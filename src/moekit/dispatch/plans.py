@@ -43,22 +43,33 @@ class TokenChoicePlan:
 
     Attributes:
         indices_TK, weights_TK: the routing's choice and combine weights.
-        counts_E: rows per expert (long).
+        num_experts: E.
         kept_TK: assignments that reach an expert, or None when all do.
         num_dropped: assignments of real tokens dropped for capacity (0-dim long).
         order_R: flat assignment index (t·K + k) of each routed row, sorted by expert;
             None for a reference plan, which only decides what is kept.
         inverse_R: the inverse permutation of order_R when every assignment is routed.
+        sorted_counts_E: rows per expert as the sort counted them (None for a reference
+            plan, whose ``counts_E`` are counted when first read).
     """
 
     token_choice: ClassVar[bool] = True
     indices_TK: Tensor
     weights_TK: Tensor
-    counts_E: Tensor
+    num_experts: int
     kept_TK: Tensor | None
     num_dropped: Tensor
     order_R: Tensor | None = None
     inverse_R: Tensor | None = None
+    sorted_counts_E: Tensor | None = None
+
+    @property
+    def counts_E(self) -> Tensor:
+        """Rows per expert (long); a reference plan counts them here (``Dispatched`` keeps them)."""
+        if self.sorted_counts_E is not None:
+            return self.sorted_counts_E
+        flat_E = self.indices_TK.reshape(-1) if self.kept_TK is None else self.indices_TK[self.kept_TK]
+        return torch.bincount(flat_E, minlength=self.num_experts)
 
     def gather(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         if self.order_R is None:
@@ -84,7 +95,7 @@ class TokenChoicePlan:
         return weighted_sum(y_TKD, weights_TK, out_dtype)
 
     def dispatched(self) -> Dispatched:
-        return Dispatched(self.counts_E, self.kept_TK, self.num_dropped)
+        return Dispatched(lambda: self.counts_E, self.kept_TK, self.num_dropped)
 
 
 def sorted_plan(indices_TK: Tensor, num_experts: int, weights_TK: Tensor | None = None, **capacity) -> TokenChoicePlan:
@@ -93,7 +104,7 @@ def sorted_plan(indices_TK: Tensor, num_experts: int, weights_TK: Tensor | None 
     order_R, counts_E, kept_TK, num_dropped, inverse_R = sorted_assignments(indices_TK, num_experts, **capacity)
     if weights_TK is None:
         weights_TK = torch.ones(indices_TK.shape, device=indices_TK.device)
-    return TokenChoicePlan(indices_TK, weights_TK, counts_E, kept_TK, num_dropped, order_R, inverse_R)
+    return TokenChoicePlan(indices_TK, weights_TK, num_experts, kept_TK, num_dropped, order_R, inverse_R, counts_E)
 
 
 def plan_token_choice(routing: Routing, capacity: Capacity, reference: bool = False) -> TokenChoicePlan:
@@ -111,13 +122,11 @@ def plan_token_choice(routing: Routing, capacity: Capacity, reference: bool = Fa
     if limit is not None:
         kept_TK = reference_keep(indices_TK, priority_TK, E, limit, capacity.drop_priority, routing.valid_T,
                                  routing.active_TK, capacity.group_size)
-    flat_E = indices_TK.reshape(-1) if kept_TK is None else indices_TK[kept_TK]
-    counts_E = torch.bincount(flat_E, minlength=E)
     if kept_TK is None:
         num_dropped = torch.zeros((), dtype=torch.long, device=indices_TK.device)
     else:
         num_dropped = (kept_TK.numel() if real_TK is None else real_TK.sum()) - kept_TK.sum()
-    return TokenChoicePlan(indices_TK, routing.weights_TK, counts_E, kept_TK, torch.as_tensor(num_dropped))
+    return TokenChoicePlan(indices_TK, routing.weights_TK, E, kept_TK, torch.as_tensor(num_dropped))
 
 
 @dataclass(frozen=True)

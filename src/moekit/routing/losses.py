@@ -92,9 +92,22 @@ _FORMULAS: dict[str, Callable[[Mapping, int], Tensor]] = {
 }
 
 
+class _Losses(LazyMapping):
+    """Losses by name, each computed from the sums when first read."""
+
+    def __init__(self, names, sums: Mapping[str, Tensor], num_experts: int):
+        super().__init__(dict.fromkeys(names))
+        self._sums, self._num_experts = sums, num_experts
+
+    def _compute(self, name: str) -> Tensor:
+        if name not in self._thunks:
+            raise KeyError(name)
+        return _FORMULAS[name](self._sums, self._num_experts)
+
+
 def lazy_losses(names, sums: Mapping[str, Tensor], num_experts: int) -> LazyMapping:
     """``losses_from_sums`` computed on first read, loss by loss."""
-    return LazyMapping({name: (lambda name=name: _FORMULAS[name](sums, num_experts)) for name in names})
+    return _Losses(names, sums, num_experts)
 
 
 def gates_from_topk(indices_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
@@ -117,29 +130,38 @@ def weighted_column_sums(values_TE: Tensor, token_weight_T: Tensor | None = None
     return (values_TE * token_weight_T.to(values_TE.dtype)[:, None]).sum(0)
 
 
-def standard_sums(logits_TE: Tensor, probs_TE: Tensor, indices_TK: Tensor, weights_TK: Tensor,
-                  token_weight_T: Tensor | None, load_E: Callable[[], Tensor] | None = None) -> LazyMapping:
-    """The sums of the standard losses (load balance, z-loss, importance, load), lazily.
-    ``load_E`` overrides the counted load (noisy top-k's smooth estimator)."""
-    E, dtype = probs_TE.shape[1], probs_TE.dtype
-    sums: LazyMapping
+class StandardSums(LazyMapping):
+    """The sums of the standard losses (load balance, z-loss, importance, load), each computed
+    when first read. ``load_E`` overrides the counted load (noisy top-k's smooth estimator)."""
 
-    def assigned() -> Tensor:
-        return assignment_counts(indices_TK, E, token_weight_T, dtype)
+    NAMES = ("tokens", "assigned_E", "prob_mass_E", "z_squared", "importance_E", "load_E")
 
-    def tokens():
-        # A Python count when every token is real: the loss then takes 2 kernels fewer.
-        return len(indices_TK) if token_weight_T is None else token_weight_T.to(dtype).sum()
+    def __init__(self, logits_TE: Tensor, probs_TE: Tensor, indices_TK: Tensor, weights_TK: Tensor,
+                 token_weight_T: Tensor | None, load_E: Callable[[], Tensor] | None = None):
+        super().__init__(dict.fromkeys(self.NAMES))
+        self._tensors = logits_TE, probs_TE, indices_TK, weights_TK, token_weight_T
+        self._load_E = load_E
 
-    sums = LazyMapping({
-        "tokens": tokens,
-        "assigned_E": assigned,
-        "prob_mass_E": lambda: weighted_column_sums(probs_TE, token_weight_T),
-        "z_squared": lambda: z_squared_sum(logits_TE, token_weight_T),
-        "importance_E": lambda: weighted_column_sums(gates_from_topk(indices_TK, weights_TK, E), token_weight_T),
-        "load_E": load_E or (lambda: sums["assigned_E"]),
-    })
-    return sums
+    def _compute(self, name: str) -> Tensor:
+        logits_TE, probs_TE, indices_TK, weights_TK, w_T = self._tensors
+        E, dtype = probs_TE.shape[1], probs_TE.dtype
+        if name == "tokens":
+            # A Python count when every token is real: the load-balance loss then takes 2 kernels fewer.
+            return len(indices_TK) if w_T is None else w_T.to(dtype).sum()
+        if name == "assigned_E":
+            return assignment_counts(indices_TK, E, w_T, dtype)
+        if name == "prob_mass_E":
+            return weighted_column_sums(probs_TE, w_T)
+        if name == "z_squared":
+            return z_squared_sum(logits_TE, w_T)
+        if name == "importance_E":
+            return weighted_column_sums(gates_from_topk(indices_TK, weights_TK, E), w_T)
+        if name == "load_E":
+            return self._load_E() if self._load_E is not None else self["assigned_E"]
+        raise KeyError(name)
+
+
+standard_sums = StandardSums
 
 
 # --- the losses as functions of routing tensors (the formulas on one batch) -------------

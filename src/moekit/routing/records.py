@@ -35,13 +35,18 @@ class LazyMapping(Mapping):
     """
 
     def __init__(self, thunks: Mapping[str, Callable[[], Tensor]]):
-        self._thunks = dict(thunks)
+        self._thunks = thunks
         self._values: dict[str, Tensor] = {}
 
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self._values:
-            self._values[name] = self._thunks[name]()
-        return self._values[name]
+        value = self._values.get(name)
+        if value is None:
+            value = self._values[name] = self._compute(name)
+        return value
+
+    def _compute(self, name: str) -> Tensor:
+        """The value of ``name``; subclasses that compute every name in one method override this."""
+        return self._thunks[name]()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._thunks)
