@@ -8,6 +8,7 @@ Shapes: T tokens, D model dim, E experts, P ranks.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -339,3 +340,18 @@ def test_layers_expert_parallelism_cannot_run_exactly_are_refused_by_name():
     local_only.router.global_losses = frozenset({"z_loss"})  # as a router whose load_balance is per rank
     with pytest.raises(NotImplementedError, match="reports load_balance, importance, load as a per-rank loss"):
         check_shardable("block", local_only)
+
+
+def test_fingerprint_covers_dtype_router_options_and_shared_experts():
+    base = MoE(MoEConfig(**BASE))
+    ours = [("moe", config_fingerprint(base))]
+    for field, other in [
+        ("experts dtype", MoE(MoEConfig(**BASE)).double()),
+        ("router_options.logit_bias", MoE(MoEConfig(**BASE, router_logit_bias=True))),
+        ("router_options.jitter", MoE(MoEConfig(**BASE, router_jitter=0.1))),
+        ("num_shared_experts", MoE(MoEConfig(**BASE, num_shared_experts=1))),
+        ("shared_d_ff", MoE(MoEConfig(**BASE, shared_d_ff=24))),
+    ]:
+        theirs = [("moe", config_fingerprint(other))]
+        with pytest.raises(ValueError, match=rf"{re.escape(field)} of layer 'moe' differs"):
+            check_fingerprints([ours, theirs])
