@@ -10,7 +10,8 @@ Options after ``--`` go to ``moekit bench``. It prints, per case, the median
 over rounds and the spread (min–max) of every moekit path's η, of each peer's
 ratio to the best moekit path, of the decode speed-up over transformers'
 block and of the LM step's time over dense, for old and new, and the new/old
-ratio of the medians; the raw results go to ``--out`` as JSON.
+ratio of the medians; the raw results go to ``--out`` as JSON. ``--table FILE``
+prints the summary of an earlier ``--out`` as a Markdown table instead of running.
 """
 
 from __future__ import annotations
@@ -44,16 +45,16 @@ def metrics(result: dict) -> dict[str, float]:
         best = min(row["median_s"] for impl, row in rows.items() if impl.startswith("moekit"))
         for impl, row in rows.items():
             if impl.startswith("moekit"):
-                values[f"{name} | η {impl}"] = row["eta"]
+                values[f"{name}: η {impl}"] = row["eta"]
             elif impl.startswith("transformers"):
-                values[f"{name} | {impl} ÷ best moekit"] = row["median_s"] / best
+                values[f"{name}: {impl} ÷ best moekit"] = row["median_s"] / best
     for row in result.get("decode", []):
         if row.get("transformers_grouped_mm_us"):
-            values[f"decode T={row['tokens']} | transformers ÷ moekit"] = \
+            values[f"decode T={row['tokens']}: transformers ÷ moekit"] = \
                 row["transformers_grouped_mm_us"] / row["median_us"]
     for row in result.get("lm_step", []):
         if row["model"] == "MoE":
-            values["LM step | MoE ÷ dense"] = row["ratio_to_dense"]
+            values["LM step: MoE ÷ dense"] = row["ratio_to_dense"]
     return values
 
 
@@ -71,12 +72,27 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = ["| metric | old: median (min–max) | new: median (min–max) | new ÷ old |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['metric'].replace(' | ', ': ')} | {r['old_median']:.3f} ({r['old_min']:.3f}–"
+                     f"{r['old_max']:.3f}) | {r['new_median']:.3f} ({r['new_min']:.3f}–{r['new_max']:.3f}) | "
+                     f"{r['new_over_old']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", type=Path, required=True, help="the old checkout's src folder")
+    parser.add_argument("--old", type=Path, help="the old checkout's src folder")
+    parser.add_argument("--table", type=Path, help="print an earlier result file's summary as Markdown")
     parser.add_argument("--rounds", type=int, default=6, help="runs of each side (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/ab_bench.json"))
     args, bench_args = parser.parse_known_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())["summary"]))
+        return
+    if args.old is None:
+        parser.error("--old (the old checkout's src folder) is needed to run")
     bench_args = [a for a in bench_args if a != "--"]
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     sources = {"old": args.old.resolve(), "new": ROOT / "src"}

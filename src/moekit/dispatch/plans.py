@@ -95,7 +95,8 @@ class TokenChoicePlan:
         return weighted_sum(y_TKD, weights_TK, out_dtype)
 
     def dispatched(self) -> Dispatched:
-        return Dispatched(lambda: self.counts_E, self.kept_TK, self.num_dropped)
+        counts = self.sorted_counts_E if self.sorted_counts_E is not None else (lambda: self.counts_E)
+        return Dispatched(counts, self.kept_TK, self.num_dropped)
 
 
 def sorted_plan(indices_TK: Tensor, num_experts: int, weights_TK: Tensor | None = None, **capacity) -> TokenChoicePlan:
