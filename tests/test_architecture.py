@@ -234,3 +234,12 @@ def test_files_stay_small_and_forward_reads_as_the_pipeline():
     assert set(long_files) <= {"classic/_mixture.py"}, long_files
     forward_lines = len(inspect.getsource(MoE.forward).splitlines())
     assert forward_lines <= 30, forward_lines
+
+
+def test_the_page_quotes_forward_as_it_is():
+    from moekit import MoE
+
+    quoted = re.search(r"```text\n(.*?)```", PAGE.read_text(), flags=re.S).group(1)
+    source = [line.strip() for line in inspect.getsource(MoE.forward).splitlines()]
+    for line in quoted.strip().splitlines():
+        assert line.strip() in source, f"docs/architecture.md quotes a line MoE.forward no longer has: {line!r}"
