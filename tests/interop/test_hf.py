@@ -178,3 +178,19 @@ def test_switch_whole_model_logits_match():
     convert_model(model)
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=decoder_ids).logits, reference,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_converted_model_generates_the_original_tokens_with_its_own_cache(family):
+    model = _model(family)
+    ids = torch.randint(0, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    greedy = model.generate(ids, do_sample=False, **kwargs)
+    torch.manual_seed(3)
+    sampled = model.generate(ids, do_sample=True, top_k=20, **kwargs)
+    convert_model(model)
+    assert torch.equal(model.generate(ids, do_sample=False, **kwargs), greedy)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=20, **kwargs), sampled)

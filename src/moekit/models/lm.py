@@ -7,7 +7,10 @@ Notable features:
 - tied input and output embeddings
 - the MoE layers' auxiliary losses come back summed in ``LMOutput.aux_loss``;
   the training loss is ``loss + aux_loss``
-- ``generate`` samples with temperature, top-k and top-p, one token at a time
+- a key/value cache (``KVCache``) and a padding mask for batched, left-padded
+  prompts; ``generate`` prefills once, then runs one token per step (the same
+  tokens as recomputing the window every step), sampling with temperature,
+  top-k and top-p
 
 Shapes: B batch, S sequence length, D model dim, H heads, V vocabulary,
 T = B·S tokens as an MoE layer sees them.
@@ -121,9 +124,43 @@ def rotary_tables(context_length: int, head_dim: int, base: float = 10000.0) -> 
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each (first half, second half) pair of x (B, H, S, hd) by its position's angle."""
+    """Rotate each (first half, second half) pair of x (B, H, S, hd) by its position's angle
+    (cos, sin: (S, hd/2), or (B, 1, S, hd/2) when rows have positions of their own)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Each block's keys and values (B, H, S, hd) for the tokens seen so far, so that a
+    decoding step attends to them instead of recomputing them."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's keys and values of block ``layer``; return all of them."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attend(NamedTuple):
+    """How this call's tokens attend: rotary tables at their positions, the attention mask
+    (bool (B, 1, S, past + S), None for plain causal or one new token), the cache, and which
+    of the new tokens are real (None: all)."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None = None
+    is_causal: bool = True
+    cache: KVCache | None = None
+    real_BS: Tensor | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,12 +170,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attend: Attend, layer: int = 0) -> Tensor:
         B, S, D = x.size()  # batch size, sequence length, model dim
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, hd)
+        q, k = apply_rotary(q, attend.cos, attend.sin), apply_rotary(k, attend.cos, attend.sin)
+        if attend.cache is not None:
+            k, v = attend.cache.extend(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask, is_causal=attend.is_causal)  # (B, H, S, hd)
         return self.proj(y.transpose(1, 2).contiguous().view(B, S, D))
 
 
@@ -167,13 +206,14 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None, MoERouting | None]:
-        x = x + self.attn(self.norm_attn(x), cos, sin)
+    def forward(self, x: Tensor, attend: Attend, idx: Tensor, layer: int = 0
+                ) -> tuple[Tensor, Tensor | None, MoERouting | None]:
+        x = x + self.attn(self.norm_attn(x), attend, layer)
         h = self.norm_ffn(x)
         if not self.is_moe:
             return x + self.ffn(h), None, None
         extra = {"token_ids": idx} if self.ffn.router.needs_token_ids else {}
-        out = self.ffn(h, **extra)
+        out = self.ffn(h, mask=attend.real_BS, **extra)
         return x + out.y, out.aux_loss, out.routing
 
 
@@ -230,16 +270,21 @@ class LanguageModel(nn.Module):
                     total -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
         return total
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> LMOutput:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> LMOutput:
+        """idx (B, S) the new tokens; attention_mask: optional bool (B, past + S) marking real
+        tokens of the whole sequence, padding on the left; cache: the keys and values of
+        the ``past`` tokens before idx, extended in place."""
         B, S = idx.size()  # batch size, sequence length
-        if S > self.config.context_length:
-            raise ValueError(f"sequence length ({S}) exceeds context_length ({self.config.context_length})")
-        cos, sin = self.rotary_cos[:S], self.rotary_sin[:S]
+        past = 0 if cache is None else cache.length
+        if past + S > self.config.context_length:
+            raise ValueError(f"sequence length ({past + S}) exceeds context_length ({self.config.context_length})")
+        attend = self._attend(S, past, attention_mask, cache)
         x = self.embed(idx)  # (B, S, D)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         routings = []
-        for block in self.blocks:
-            x, block_aux, routing = block(x, cos, sin, idx)
+        for layer, block in enumerate(self.blocks):
+            x, block_aux, routing = block(x, attend, idx, layer)
             if routing is not None:
                 aux_loss = aux_loss + block_aux
                 routings.append(routing)
@@ -248,6 +293,29 @@ class LanguageModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return LMOutput(logits, loss, aux_loss, routings)
+
+    def _attend(self, S: int, past: int, attention_mask: Tensor | None, cache: KVCache | None) -> Attend:
+        if attention_mask is None:
+            cos, sin = self.rotary_cos[past:past + S], self.rotary_sin[past:past + S]
+            # A prefill is plainly causal, and one new token attends to everything before it.
+            if past == 0 or S == 1:
+                return Attend(cos, sin, None, past == 0 and S > 1, cache)
+            attend_SK = torch.ones(S, past + S, dtype=torch.bool, device=cos.device).tril(past)
+            return Attend(cos, sin, attend_SK, False, cache)
+        B = attention_mask.shape[0]
+        if attention_mask.dtype != torch.bool or attention_mask.shape[1] != past + S:
+            raise ValueError(f"attention_mask must be bool of shape ({B}, {past + S}) (cached + new tokens); "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        # Each row's first real token is at position 0, whatever padding comes before it.
+        positions_BK = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+        positions_BS = positions_BK[:, past:]
+        cos, sin = self.rotary_cos[positions_BS].unsqueeze(1), self.rotary_sin[positions_BS].unsqueeze(1)
+        causal_SK = torch.ones(S, past + S, dtype=torch.bool, device=attention_mask.device).tril(past)
+        # A query attends to real keys before it; padding queries attend to themselves, to stay finite.
+        itself_SK = torch.eye(S, past + S, dtype=torch.bool, device=attention_mask.device).roll(past, dims=1)
+        mask_BSK = (causal_SK & attention_mask[:, None, :]) | itself_SK
+        real_BS = attention_mask[:, past:]
+        return Attend(cos, sin, mask_BSK.unsqueeze(1), False, cache, None if bool(real_BS.all()) else real_BS)
 
     @torch.no_grad()
     def generate(
@@ -258,11 +326,17 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None,
+        use_cache: bool = True,
     ) -> Iterator[Tensor]:
-        """Yield one sampled token (B, 1) at a time after the prompt idx (B, S).
+        """Yield one sampled token (B, 1) at a time after the prompts idx (B, S).
 
         temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p keeps the
-        smallest set whose probability reaches p (nucleus sampling).
+        smallest set whose probability reaches p (nucleus sampling). Prompts of
+        different lengths are padded on the left, ``attention_mask`` (B, S) marking
+        their real tokens. With ``use_cache`` the prompts run once and each step
+        only the new token; once the sequence outgrows ``context_length`` the
+        window of its last tokens is run afresh, as without the cache.
         """
         if temperature < 0:
             raise ValueError(f"temperature ({temperature}) must be >= 0")
@@ -270,16 +344,43 @@ class LanguageModel(nn.Module):
             raise ValueError(f"top_p ({top_p}) must be in (0, 1]")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k ({top_k}) must be >= 1")
+        mask = _left_padding_mask(attention_mask, idx)
+        C = self.config.context_length
+        cache = None
         for _ in range(max_new_tokens):
-            # No KV cache: the small models here recompute the window in milliseconds.
-            window = idx[:, -self.config.context_length :]
-            logits = self(window).logits[:, -1, :].float()  # (B, V)
+            if not use_cache or cache is None or cache.length >= C:
+                # Run the window afresh: the prompt, each step without a cache, or a full cache.
+                cache = KVCache(len(self.blocks)) if use_cache else None
+                window_mask = None if mask is None else mask[:, -C:]
+                logits = self(idx[:, -C:], attention_mask=window_mask, cache=cache).logits[:, -1, :]
+            else:
+                step_mask = None if mask is None else mask[:, -(cache.length + 1):]
+                logits = self(idx[:, -1:], attention_mask=step_mask, cache=cache).logits[:, -1, :]
+            logits = logits.float()  # (B, V)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
                 next_token = sample_next(logits / temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_token), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(next_token, dtype=torch.bool)), dim=1)
             yield next_token
+
+
+def _left_padding_mask(attention_mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    """The prompts' mask of real tokens, checked; None when every token is real."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != idx.shape:
+        raise ValueError(f"attention_mask must have the prompts' shape {tuple(idx.shape)}; "
+                         f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+    mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+    # NOTE: the checks sync with the device once per generate call.
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask must pad prompts on the left: every row's last token must be real")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must pad prompts on the left: padding only before a row's first real token")
+    return None if bool(mask.all()) else mask
 
 
 def sample_next(logits_BV: Tensor, top_k: int | None, top_p: float | None, generator=None) -> Tensor:
