@@ -75,7 +75,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| metric | old: median (min–max) | new: median (min–max) | new ÷ old |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['metric'].replace(' | ', ': ')} | {r['old_median']:.3f} ({r['old_min']:.3f}–"
+        lines.append(f"| {r['metric']} | {r['old_median']:.3f} ({r['old_min']:.3f}–"
                      f"{r['old_max']:.3f}) | {r['new_median']:.3f} ({r['new_min']:.3f}–{r['new_max']:.3f}) | "
                      f"{r['new_over_old']:.3f} |")
     return "\n".join(lines)

@@ -315,6 +315,7 @@ class LanguageModel(nn.Module):
         itself_SK = torch.eye(S, past + S, dtype=torch.bool, device=attention_mask.device).roll(past, dims=1)
         mask_BSK = (causal_SK & attention_mask[:, None, :]) | itself_SK
         real_BS = attention_mask[:, past:]
+        # NOTE: .all() syncs with the device; it spares the MoE layers a mask when every new token is real.
         return Attend(cos, sin, mask_BSK.unsqueeze(1), False, cache, None if bool(real_BS.all()) else real_BS)
 
     @torch.no_grad()

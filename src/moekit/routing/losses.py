@@ -189,11 +189,6 @@ def importance_loss(gates_TE: Tensor, token_weight_T: Tensor | None = None) -> T
     return cv_squared(weighted_column_sums(gates_TE, token_weight_T))
 
 
-def load_loss(load_E: Tensor) -> Tensor:
-    """Shazeer 2017: CV(Load)², for a (smooth or counted) load per expert."""
-    return cv_squared(load_E)
-
-
 def smooth_load(
     clean_logits_TE: Tensor,
     noisy_logits_TE: Tensor,
