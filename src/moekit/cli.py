@@ -2,7 +2,7 @@
 
 The commands themselves live in ``moekit.apps`` (``commands``: train, eval,
 generate, report, bench; ``demo``: the main job; ``surgery``: upcycle, grow,
-prune); this module only turns a command line into a call of one of them.
+prune; ``inference``: quantize, cache-sim); this module only turns a command line into a call of one of them.
 """
 
 from __future__ import annotations
@@ -114,6 +114,28 @@ def _add_surgery_args(p: argparse.ArgumentParser) -> None:
 # --- parser ---------------------------------------------------------------------------
 
 
+def _add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("offloading (experts read from the checkpoint on demand)")
+    g.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="memory for the whole process, e.g. 600MB or 1.5GiB: the runtime, activations and "
+                   "non-expert weights stay resident, the rest caches experts per MoE layer, and the experts are "
+                   "read from the checkpoint file as needed (default: load every weight)")
+    g.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru",
+                   help="which cached expert a miss replaces (default: %(default)s)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="do not load the next layer's likely experts ahead of use")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -159,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-of", metavar="OTHER_RUN", default=None,
                    help="evaluate on the validation split of OTHER_RUN's corpus (e.g. the data a grown model "
                    "was trained on before growing)")
+    _add_offload_args(p)
     p.set_defaults(func=_command("commands", "cmd_eval"))
 
     p = sub.add_parser("generate", help="stream text sampled from a run's latest checkpoint",
@@ -171,7 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold in (0, 1] (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--ignore-eot", action="store_true", help="keep going past the end-of-text token")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="record which experts each MoE layer computes into FILE (JSON), for moekit cache-sim")
+    _add_offload_args(p)
     p.set_defaults(func=_command("commands", "cmd_generate"))
+
+    p = sub.add_parser("quantize", help="write a run with int8 or int4 experts, with an expert coverage report",
+                       description="Quantize the experts of a run's latest checkpoint (weight-only, no calibration "
+                       "data; router, attention and norms stay in full precision) into a new run folder that eval "
+                       "and generate load. Reports the validation-loss change and the tokens each expert saw.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by moekit train")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="int8 per output channel or int4 per group "
+                   "(default: %(default)s)")
+    p.add_argument("--group-size", type=_positive_int, default=64,
+                   help="inputs per int4 scale: 32, 64, 128 or 256, dividing the layer widths (default: %(default)s)")
+    p.add_argument("--out", default=None, help="the new run folder (default: RUN_DIR-int8 or RUN_DIR-int4)")
+    p.add_argument("--batches", type=_positive_int, default=16,
+                   help="validation batches for the loss change and the coverage report (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
+    p.set_defaults(func=_command("inference", "cmd_quantize"))
+
+    p = sub.add_parser("cache-sim", help="hit rates of expert caches on a routing trace from generate --trace",
+                       description="Replay a routing trace on an expert cache per MoE layer: hit rate per policy "
+                       "(lru, lfu, and the optimal policy that knows the future) and cache size.")
+    p.add_argument("trace", metavar="TRACE", help="a trace written by moekit generate --trace")
+    p.add_argument("--sizes", type=_sizes, default=None,
+                   help="comma-separated experts cached per layer (default: 1 to the number of experts)")
+    p.set_defaults(func=_command("inference", "cmd_cache_sim"))
 
     p = sub.add_parser("report", help="write the HTML report of a run or a demo folder",
                        description="Write RUN_DIR/report/index.html with PNG plots: loss curves, expert load, routing "

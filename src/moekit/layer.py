@@ -242,3 +242,11 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"router={c.router!r}, num_experts={c.num_experts}, top_k={c.top_k}, compute={c.compute!r}"
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer of ``model`` with its qualified name ('' for the model itself), in
+    module order; a ``DistributedDataParallel`` wrapper is looked through."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]

@@ -14,8 +14,10 @@ from .common import (
     configs_from_args,
     data_config_from_args,
     load_model,
+    load_model_for_inference,
     new_run_folder,
 )
+from .inference import offload_result, routing_recorder
 
 
 def _setup_parallel(args):
@@ -90,20 +92,26 @@ def _train(args, parallel) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..data import load_corpus, validation_batches
+    from ..data import load_corpus, load_tokenizer, validation_batches
     from ..data.dataset import encode_documents
     from ..train import evaluate, read_run_config
 
-    model, tokenizer, _, state = load_model(args.run_dir)
+    model_config, _, _ = read_run_config(Path(args.run_dir))
     _, _, data_info = read_run_config(Path(args.data_of or args.run_dir))
+    tokenizer = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
     corpus = load_corpus(data_info["data"], data_info["val_fraction"])
     val_N = encode_documents(tokenizer, [d.text for d in corpus.val])  # the training split is not needed
-    batches = validation_batches(val_N, args.batch_size, model.config.context_length, args.batches)
+    batches = validation_batches(val_N, args.batch_size, model_config.context_length, args.batches)
+    del corpus, val_N
+    # The data first: a --max-memory budget then counts what reading it left in memory.
+    model, tokenizer, state, offloaded = load_model_for_inference(args)
     loss = evaluate(model, batches, "cpu")
     num_tokens = sum(y.numel() for _, y in batches)
     result = {"run": args.run_dir, "step": state["step"], "val_loss": loss, "tokens": num_tokens}
     if args.data_of:
         result["data_of"] = args.data_of
+    if offloaded is not None:
+        result.update(offload_result(offloaded))
     print(json.dumps(result))
     return 0
 
@@ -111,7 +119,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    model, tokenizer, _, _ = load_model(args.run_dir)
+    model, tokenizer, _, offloaded = load_model_for_inference(args)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         ids = [tokenizer.eot_id]  # an empty prompt starts a new document
@@ -120,17 +128,25 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     new_ids: list[int] = []
     printed = ""
-    for token in model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, generator=generator):
-        if int(token) == tokenizer.eot_id and not args.ignore_eot:
-            break
-        new_ids.append(int(token))
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
+    with routing_recorder(model, args.trace) as trace:
+        for token in model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, generator=generator):
+            if int(token) == tokenizer.eot_id and not args.ignore_eot:
+                break
+            new_ids.append(int(token))
+            text = tokenizer.decode(new_ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
     sys.stdout.write("\n")
+    if trace is not None:
+        trace.save(args.trace)
+        print(f"routing trace: {args.trace} (simulate expert caches with: moekit cache-sim {args.trace})",
+              file=sys.stderr)
+    if offloaded is not None:
+        print("expert cache: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in offload_result(offloaded).items()), file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,8 @@ TRAIN_DEFAULTS = {"layers": 4, "d_model": 128, "heads": 4, "context_length": 128
 # for the MoE model to pull ahead (see docs/lm.md for the measurements).
 DEMO_DEFAULTS = dict(TRAIN_DEFAULTS, d_model=64, d_ff=256, steps=800, lr=5e-3, eval_every=40)
 DEMO_VOCAB_SIZE = 2048
+# A run written by ``moekit quantize`` records how its experts were quantized here.
+QUANTIZATION_FILE = "quantization.json"
 
 
 def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
@@ -94,6 +98,28 @@ def load_model(run_dir: str):
     if folder is None:
         raise CLIError(f"{run_dir!r} has no checkpoint yet; train it first (moekit train --out {run_dir})")
     model = LanguageModel(model_config)
+    quantization = Path(run_dir) / QUANTIZATION_FILE
+    if quantization.exists():
+        from ..inference import quantize_model
+
+        quantize_model(model, **json.loads(quantization.read_text()))
     state = load_checkpoint(folder, model)
     model.eval()
     return model, load_tokenizer(Path(run_dir) / "tokenizer.json"), train_config, state
+
+
+def load_model_for_inference(args):
+    """``load_model``, or with ``--max-memory`` the run's model with its experts offloaded to
+    its checkpoint file. Returns (model, tokenizer, trainer state, ``Offloaded`` or None)."""
+    if getattr(args, "max_memory", None) is None:
+        model, tokenizer, _, state = load_model(args.run_dir)
+        return model, tokenizer, state, None
+    from ..inference import load_offloaded_run
+
+    if (Path(args.run_dir) / QUANTIZATION_FILE).exists():
+        raise CLIError(f"{args.run_dir!r} holds quantized experts; --max-memory offloads float experts only")
+    model, tokenizer, state, offloaded, plan = load_offloaded_run(
+        args.run_dir, args.max_memory, policy=args.cache_policy, prefetch=not args.no_prefetch)
+    print(plan.describe(), file=sys.stderr)
+    return model, tokenizer, state, offloaded
+

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..layer import MoE
+from ..layer import MoE, moe_layers
 from .dispatcher import ExpertParallelDispatcher
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -64,13 +64,6 @@ def expert_parallel_mesh(ep_size: int, device_type: str = "cpu") -> DeviceMesh:
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"ep_size ({ep_size!r}) must be a positive integer dividing the world size ({world})")
     return init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """Every MoE layer of ``model`` with its qualified name ('' for the model itself)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
 
 
 def sharded_layers(model: nn.Module) -> list[tuple[str, MoE]]:

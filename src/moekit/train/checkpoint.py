@@ -211,3 +211,17 @@ def rank_rng_state(trainer_state: dict, rank: int, world_size: int) -> dict | No
 def rank_seed(seed: int, step: int, rank: int) -> int:
     """A seed for rank > 0's RNG (router noise) that differs across ranks and steps of resumption."""
     return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def load_model_tensors(path: Path, skip: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+    """The tensors of a model file written by ``save_model``, except those ``skip`` names,
+    with each tied alias recorded in its metadata mapped to its tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys() if not skip(key)}
+        aliases = f.metadata() or {}
+    for alias, original in aliases.items():
+        if original in tensors:
+            tensors[alias] = tensors[original]
+    return tensors
