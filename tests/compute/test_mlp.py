@@ -39,3 +39,21 @@ def test_row_kernels_match_each_expert_by_itself(kind, rows):
     want = torch.autograd.grad((reference * probe).sum(), [x, experts.w_in, experts.b_out])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_equals_f_linear_and_keeps_gradients(rows, bias):
+    from moekit.compute.mlp import linear
+
+    weight = torch.randn(1024, 512)  # 2 MiB: large enough for oneDNN's kernel
+    b = torch.randn(1024) if bias else None
+    x = torch.randn(rows, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+                                   rtol=1e-5, atol=1e-4)
+    x.requires_grad_(True)
+    y = linear(x, weight, b)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(rows, -1), rtol=1e-5, atol=1e-4)

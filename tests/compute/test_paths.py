@@ -40,6 +40,17 @@ def test_auto_runs_small_batches_on_the_small_batch_path():
     assert _auto(moe, torch.randn(64, 16, dtype=torch.float64)) == "segment"
 
 
+def test_auto_decodes_large_experts_on_small_batch_up_to_16_tokens_without_gradients():
+    moe = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2)  # 4 MiB per expert's w_in
+    with torch.no_grad():
+        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 16, 17)] == ["small_batch"] * 3 + ["grouped_mm"]
+        assert _auto(moe, torch.randn(4, 512, dtype=torch.bfloat16)) == "grouped_mm"
+    assert _auto(moe, torch.randn(4, 512)) == "grouped_mm"  # a gradient-taking call: oneDNN has no backward
+    small = MoE(d_model=64, d_ff=64, num_experts=4, top_k=2)
+    with torch.no_grad():
+        assert _auto(small, torch.randn(4, 64)) == "grouped_mm"
+
+
 def test_auto_reads_the_process_switches_in_one_snapshot():
     moe = MoE(d_model=64, d_ff=32, num_experts=8, top_k=2)
     big = torch.empty(FUSED_MIN_ROW_BYTES // (2 * 64 * 4), 64)
@@ -65,3 +76,14 @@ def test_benchmark_reads_its_default_paths_from_the_registry():
 
     assert default_paths("cpu") == ("fused", "grouped_mm", "segment")
     assert default_paths("cuda") == ("grouped_mm",)
+
+
+def test_decoding_large_experts_on_small_batch_equals_grouped_mm():
+    torch.manual_seed(0)
+    fast = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2, compute="small_batch").eval()
+    reference = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2, compute="grouped_mm").eval()
+    reference.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        for T in (1, 4, 16):
+            x = torch.randn(T, 512)
+            torch.testing.assert_close(fast(x).y, reference(x).y, rtol=1e-5, atol=1e-5)

@@ -48,12 +48,40 @@ def hidden_activation(h: Tensor, activation: str, is_glu: bool) -> Tensor:
     return ACTIVATIONS[activation](gate) * up
 
 
+def _onednn_linear():
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# oneDNN's inner product reads a float32 weight for a few rows at 2-3x the speed of the
+# BLAS GEMM behind F.linear on CPU (BENCHMARKS.md, "Decode bandwidth"), but costs about
+# 17 µs more per call: it pays from 1 MiB weights. It has no autograd formula, so only
+# calls that need no gradient take it.
+_ONEDNN_LINEAR = _onednn_linear()
+DECODE_MAX_ROWS = 16
+ONEDNN_MIN_WEIGHT_BYTES = 1 << 20
+
+
+def linear(x_ND: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, through oneDNN for a few float32 rows on CPU when no gradient is needed."""
+    if (_ONEDNN_LINEAR is not None and x_ND.shape[0] <= DECODE_MAX_ROWS and x_ND.dim() == 2
+            and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES
+            and x_ND.device.type == "cpu" and x_ND.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x_ND.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and (bias is None or bias.dtype == torch.float32)):
+        return _ONEDNN_LINEAR(x_ND.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x_ND, weight, bias)
+
+
 def expert_mlp(mlp, e: int, x_ND: Tensor) -> Tensor:
     """Expert e of ``mlp`` on its rows, with torch's own layers: the readable reference."""
     b_in = None if mlp.b_in is None else mlp.b_in[e]
     b_out = None if mlp.b_out is None else mlp.b_out[e]
-    h = F.linear(x_ND, mlp.w_in[e], b_in)
-    return F.linear(hidden_activation(h, mlp.activation, mlp.is_glu), mlp.w_out[e], b_out)
+    h = linear(x_ND, mlp.w_in[e], b_in)
+    return linear(hidden_activation(h, mlp.activation, mlp.is_glu), mlp.w_out[e], b_out)
 
 
 def segment_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:

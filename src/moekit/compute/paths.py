@@ -231,11 +231,21 @@ def _fused_pays(context: AutoContext) -> bool:
     )
 
 
-def _one_cpu_token(context: AutoContext) -> bool:
-    # From two tokens on, one grouped_mm over all experts is faster than a loop over the
-    # chosen ones (measured at the standard and fine-grained shapes, BENCHMARKS.md); on
-    # a GPU small_batch's host syncs cost more than they save.
-    return context.fuses and context.x_TD.shape[0] == 1 and context.x_TD.device.type == "cpu"
+def _cpu_decode(context: AutoContext) -> bool:
+    # One token: each chosen expert once beats one grouped_mm over all experts. Up to 16
+    # tokens without gradients, experts whose weights take oneDNN's faster kernel
+    # (``mlp.linear``) still beat it (1.5-1.8x at the standard shape); smaller experts
+    # and gradient-taking calls do better on grouped_mm (BENCHMARKS.md). On a GPU
+    # small_batch's host syncs cost more than they save.
+    x, experts = context.x_TD, context.experts
+    if not (context.fuses and x.device.type == "cpu" and not context.switches.compiling):
+        return False
+    if x.shape[0] == 1:
+        return True
+    w_in = getattr(experts, "w_in", None) if getattr(experts, "stacked_mlp", False) else None
+    return (w_in is not None and x.shape[0] <= mlp.DECODE_MAX_ROWS and not torch.is_grad_enabled()
+            and compute_dtype(x) == torch.float32 and w_in.dtype == torch.float32
+            and w_in[0].numel() * w_in.element_size() >= mlp.ONEDNN_MIN_WEIGHT_BYTES)
 
 
 for _path in (
@@ -246,7 +256,7 @@ for _path in (
     ComputePath(
         name="small_batch", summary="assignments grouped on the host, each chosen expert once (decoding)",
         rows=rows_one_expert_at_a_time, routed=small_batch_tokens, reference_plan=True, auto_rank=10,
-        auto_when=_one_cpu_token,
+        auto_when=_cpu_decode,
     ),
     ComputePath(
         name="segment", summary="rows sorted by expert, the experts' own rows form",

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..compute.mlp import hidden_activation
+from ..compute.mlp import hidden_activation, linear
 from .base import Experts
 
 POLICIES = ("lru", "lfu")
@@ -263,8 +262,8 @@ class OffloadedExperts(Experts):
         weights = self._weights(e)
         device = weights["w_in"].device
         x = x_ND.to(device)
-        h = F.linear(x, weights["w_in"], weights.get("b_in"))
-        y = F.linear(hidden_activation(h, self.activation, self.is_glu), weights["w_out"], weights.get("b_out"))
+        h = linear(x, weights["w_in"], weights.get("b_in"))
+        y = linear(hidden_activation(h, self.activation, self.is_glu), weights["w_out"], weights.get("b_out"))
         return y.to(x_ND.device)
 
     def extra_repr(self) -> str:
