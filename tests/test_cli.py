@@ -124,3 +124,17 @@ def test_gpu_cases_put_the_scaled_shape_first_and_leave_out_batched_mm():
     cpu = default_cases()
     assert all(c.device == "cpu" and "scaled" not in c.name for c in cpu)
     assert "mixtral:batched_mm" in cpu[0].peers
+
+
+def test_a_diverging_run_exits_with_a_named_error_and_keeps_its_last_good_checkpoint(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "40", "--lr", "100",
+                 "--grad-clip", "0", *TINY, "--checkpoint-every", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "moekit train: error: training diverged at step" in err and "The last good checkpoint is" in err
+    assert "Traceback" not in err
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl"))
+    assert main(["eval", str(run), "--batches", "1", "--batch-size", "2"]) == 0  # the kept checkpoint is finite
+    assert json.loads(capsys.readouterr().out)["val_loss"] < 1e3

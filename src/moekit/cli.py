@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .train.checkpoint import NonFiniteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     try:
         return args.func(args)
-    except (CLIError, DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (CLIError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as err:
         if os.environ.get("MOEKIT_DEBUG"):
             raise
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)

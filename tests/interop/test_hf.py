@@ -117,6 +117,24 @@ def test_load_pretrained_folder_offline(tmp_path):
     torch.testing.assert_close(converted(ids).logits, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_load_pretrained_refuses_a_folder_missing_a_router_tensor_truncated_weights_and_a_missing_path(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model("mixtral")
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    router = next(k for k in tensors if k.startswith("model.layers.1.") and k.endswith("gate.weight"))
+    save_file({k: v for k, v in tensors.items() if k != router}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not match its config.json; tensors missing: model\.layers\.1\.\S*gate"):
+        load_pretrained(tmp_path / "model")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"could not load the weights in .*\(model.safetensors\)"):
+        load_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="is not a local folder; load_pretrained reads a folder"):
+        load_pretrained(tmp_path / "nowhere")
+
+
 def test_unsupported_inputs_get_clear_errors():
     with pytest.raises(TypeError, match="Linear is not a supported transformers MoE block"):
         from_hf_block(torch.nn.Linear(2, 2))

@@ -82,7 +82,7 @@ def test_checkpoints_are_complete_and_older_ones_pruned(tmp_path, prepared, tiny
     folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert folders == ["step-000006", "step-000008"]
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-000008").iterdir())
-    assert files == ["model.safetensors", "optimizer.safetensors", "trainer_state.json"]
+    assert files == ["checksums.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
     assert not list((tmp_path / "run").rglob("*.tmp-*"))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())

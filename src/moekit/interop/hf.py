@@ -318,9 +318,36 @@ def export_model(model: nn.Module) -> nn.Module:
 
 
 def load_pretrained(path, model_class=None, **overrides) -> nn.Module:
-    """Load a local ``save_pretrained`` folder (safetensors) offline and convert it."""
+    """Load a local ``save_pretrained`` folder (safetensors) offline and convert it.
+
+    Raises ``ValueError`` for a path that is not a local folder, weights that cannot be
+    read, and any tensor the model expects that the folder lacks (or MoE tensors it holds
+    that the model does not expect): nothing is left at its random initial value."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{str(path)!r} is not a local folder; load_pretrained reads a folder written by "
+                         "save_pretrained (it downloads nothing)")
     cls = model_class or AutoModelForCausalLM
-    model = cls.from_pretrained(path, local_files_only=True)
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) or "no .safetensors file"
+        raise ValueError(f"could not load the weights in {str(folder)!r} ({files}): "
+                         f"{str(error).strip().splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if _is_moe_tensor(k))
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", []))
+    problems = [f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"the weights in {str(folder)!r} do not match its config.json; tensors " + "; ".join(problems))
     return convert_model(model, **overrides)
+
+
+def _is_moe_tensor(key: str) -> bool:
+    return any(part in key for part in ("experts", ".gate.", "router", "shared_expert", "e_score_correction"))

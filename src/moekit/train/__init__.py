@@ -1,11 +1,20 @@
 """Training: the loop, checkpoints, metrics and run folders."""
 
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    NonFiniteError,
+    atomic_write,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .metrics import read_metrics
 from .run import DataConfig, PreparedData, fork_run, new_run, prepare_data, resume_run
 from .trainer import TrainConfig, Trainer, evaluate, learning_rate, read_run_config
 
 __all__ = [
+    "CheckpointError",
+    "NonFiniteError",
     "DataConfig",
     "PreparedData",
     "TrainConfig",

@@ -5,10 +5,15 @@ Layout inside a run folder:
     checkpoints/step-000300/model.safetensors      model weights (tied weights stored once)
     checkpoints/step-000300/optimizer.safetensors  AdamW moments and step counts
     checkpoints/step-000300/trainer_state.json     step, RNG state, optimizer hyperparameters, ...
+    checkpoints/step-000300/checksums.json         SHA-256 of each file above, checked on load
     checkpoints/latest.json                        which step folder is the newest complete one
 
 A step folder counts only once ``latest.json`` names it, and ``latest.json`` is
 replaced last, so a crash at any point leaves the previous checkpoint usable.
+Nothing non-finite is written (``NonFiniteError``), a file that changed since its
+commit is refused on load (``CheckpointError`` naming it), the free space for one
+more checkpoint is checked before writing, and temporary files that killed writers
+left behind are removed.
 Runs on several processes write the canonical (unsharded) layout from rank 0
 (``save_parallel_checkpoint``), loadable at any expert-parallel size.
 """
@@ -16,8 +21,11 @@ Runs on several processes write the canonical (unsharded) layout from rank 0
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +35,24 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or written: the message names the file and the remedy."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight."""
+
+
+CHECKSUMS_FILE = "checksums.json"
+_STEP_FOLDER = re.compile(r"step-\d{6,}")
+_TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(temp_path), fsync it, then rename it onto path (and fsync the folder)."""
+    """Call write(temp_path), fsync it, then rename it onto path (and fsync the folder).
+
+    Running out of disk space is a ``CheckpointError`` naming the file; the temporary
+    file is removed either way."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -36,6 +60,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on the disk of {str(path.parent)!r} while writing {path.name}; "
+                                  "free some space and resume (the previous checkpoint is intact)") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -78,11 +107,26 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, sd["param_groups"]
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list[dict],
+                   source: str = "the optimizer state") -> None:
+    """Load flat optimizer tensors; a state written for other parameters is a ``CheckpointError``."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         _, idx, key = name.split(".", 2)
         state.setdefault(int(idx), {})[key] = value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    expected = [len(group["params"]) for group in optimizer.param_groups]
+    found = [len(group.get("params", [])) for group in param_groups]
+    if expected != found:
+        raise CheckpointError(f"{source} holds parameter groups of {found} parameters; this model's optimizer has "
+                              f"{expected}: it was written for another configuration")
+    for idx, values in state.items():
+        if idx >= len(params):
+            raise CheckpointError(f"{source} holds state for parameter {idx}; this model has {len(params)}")
+        for key, value in values.items():
+            if value.dim() > 0 and value.shape != params[idx].shape:
+                raise CheckpointError(f"{source}: {key} of parameter {idx} has shape {tuple(value.shape)}, the "
+                                      f"parameter {tuple(params[idx].shape)}: it was written for another configuration")
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
@@ -102,12 +146,18 @@ def write_checkpoint(
     """The writing half of ``save_checkpoint``, for callers that gathered the state themselves
     (multi-process training gathers the experts of every rank first)."""
     root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporary_files(root)
+    _check_free_space(root, optimizer_state)
     folder = root / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "model.safetensors", write_model)
     atomic_write(folder / "optimizer.safetensors", lambda tmp: save_file(optimizer_state, str(tmp)))
     state = dict(trainer_state, step=step, optimizer_param_groups=optimizer_param_groups, rng=rng_state_to_json())
     atomic_write_text(folder / "trainer_state.json", json.dumps(state, indent=1))
+    checksums = {name: file_sha256(folder / name)
+                 for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json")}
+    atomic_write_text(folder / CHECKSUMS_FILE, json.dumps(checksums, indent=1))
     atomic_write_text(root / "latest.json", json.dumps({"step": step, "folder": folder.name}))
     older = sorted(p for p in root.glob("step-*") if p.is_dir() and p != folder)
     for stale in older[: max(len(older) - (keep - 1), 0)]:
@@ -115,19 +165,124 @@ def write_checkpoint(
     return folder
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temporary_files(root: Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-PID`` files under ``root`` whose writer is no longer running."""
+    removed = []
+    for path in Path(root).rglob(".*.tmp-*"):
+        match = _TMP_FILE.match(path.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_free_space(root: Path, optimizer_state: dict[str, torch.Tensor]) -> None:
+    """The next checkpoint is written before an old one is removed: it needs room for one more."""
+    previous = latest_checkpoint(root.parent) if (root / "latest.json").exists() else None
+    if previous is not None and previous.is_dir():
+        needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
+    else:  # the first checkpoint: the optimizer's moments are twice the weights
+        needed = sum(t.numel() * t.element_size() for t in optimizer_state.values()) * 3 // 2
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(f"not enough disk space for the next checkpoint in {str(root)!r}: it needs "
+                              f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space and "
+                              "resume (the previous checkpoint is intact)")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The step folder ``checkpoints/latest.json`` names (None before the first checkpoint).
+
+    A ``latest.json`` that is not JSON or names anything but a step folder of this run is a
+    ``CheckpointError``."""
     latest = Path(run_dir) / "checkpoints" / "latest.json"
     if not latest.exists():
         return None
-    return latest.parent / json.loads(latest.read_text())["folder"]
+    try:
+        name = json.loads(latest.read_text())["folder"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{str(latest)!r} is not a checkpoint pointer written by moekit ({error})") from None
+    if not isinstance(name, str) or not _STEP_FOLDER.fullmatch(name):
+        raise CheckpointError(f"{str(latest)!r} names {name!r}, which is not a step folder of this run "
+                              "(step-NNNNNN inside its checkpoints folder)")
+    return latest.parent / name
+
+
+def verify_checksums(folder: Path) -> None:
+    """Check each file of a step folder against the SHA-256 written at its commit (folders
+    written before checksums existed have none to check)."""
+    path = Path(folder) / CHECKSUMS_FILE
+    if not path.exists():
+        return
+    try:
+        expected = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({error})") from None
+    for name, digest in expected.items():
+        file = Path(folder) / name
+        if not file.exists():
+            raise CheckpointError(f"{str(file)!r} is missing from its checkpoint")
+        if file_sha256(file) != digest:
+            raise CheckpointError(f"{str(file)!r} has changed since its checkpoint was written (its SHA-256 does "
+                                  "not match): the file is corrupt; resume from an earlier checkpoint")
+
+
+def check_finite_state(named: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]], where: str) -> None:
+    """``NonFiniteError`` naming the first tensor with a NaN or an infinity."""
+    for name, tensor in (named.items() if isinstance(named, dict) else named):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{where}: {name} holds NaN or infinite values")
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights (and optimizer state) from a step folder; return the trainer state."""
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
-    state = json.loads((folder / "trainer_state.json").read_text())
+    """Load weights (and optimizer state) from a step folder; return the trainer state.
+
+    Files that changed since the commit, non-finite weights and an optimizer state of
+    another configuration are ``CheckpointError``s naming the file."""
+    folder = Path(folder)
+    verify_checksums(folder)
+    model_file = folder / "model.safetensors"
+    try:
+        load_model(model, str(model_file), strict=True)
+    except (RuntimeError, OSError) as error:
+        raise CheckpointError(f"{str(model_file)!r} does not load into this model: "
+                              f"{str(error).splitlines()[0]}") from None
+    try:
+        check_finite_state(list(model.state_dict().items()), str(model_file))
+    except NonFiniteError as error:
+        raise CheckpointError(f"{error}; resume from an earlier checkpoint") from None
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(state_file)!r} is not valid JSON ({error})") from None
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{str(state_file)!r} records step {step!r}; expected a whole number >= 0")
     if optimizer is not None:
-        load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer_param_groups"])
+        optimizer_file = folder / "optimizer.safetensors"
+        load_optimizer(optimizer, load_file(str(optimizer_file)), state["optimizer_param_groups"], str(optimizer_file))
     return state
 
 
@@ -185,6 +340,7 @@ def load_parallel_checkpoint(folder: Path, model: nn.Module, optimizer: torch.op
     from ..parallel import load_full_state_dict, shard_optimizer_tensors
 
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    verify_checksums(folder)
     state = load_file(str(Path(folder) / "model.safetensors"))
     for names in _tied_names(module):
         present = [name for name in names if name in state]

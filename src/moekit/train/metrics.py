@@ -110,7 +110,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         if self.writer is not None:
             step = record["step"]
             for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "balance"):
@@ -125,6 +125,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _finite_or_null(value):
+    """The record with every NaN or infinity as null: standard JSON that any reader parses."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

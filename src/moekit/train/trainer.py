@@ -35,7 +35,10 @@ from ..parallel import (
     reduce_routing_sums,
 )
 from .checkpoint import (
+    CheckpointError,
+    NonFiniteError,
     atomic_write_text,
+    check_finite_state,
     latest_checkpoint,
     load_checkpoint,
     load_parallel_checkpoint,
@@ -250,6 +253,9 @@ class Trainer:
                 self._rng_state = rank_rng_state(state, parallel.rank, parallel.world_size)
                 if self._rng_state is None:
                     self._rng_seed = rank_seed(train_config.seed, state["step"], parallel.rank)
+            if state["step"] > train_config.steps:
+                raise CheckpointError(f"{str(folder)!r} is at step {state['step']}, past this run's {train_config.steps} "
+                                      "steps; resume with a larger --resume-steps")
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.interval = IntervalStats(**state["interval"])
             self.last_val_loss = state.get("last_val_loss")
@@ -274,6 +280,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        check_finite_state(list(self.model.named_parameters()), f"the weights at step {self.step}")
         if self.parallel is not None:  # collective: every rank calls it, rank 0 writes
             return save_parallel_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                             self._trainer_state(), self.parallel)
@@ -298,6 +305,7 @@ class Trainer:
         if parallel is not None:
             reduce_gradients(self.model, parallel)
         grad_norm = clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), parallel)
+        self._check_finite(out.loss.item(), out.aux_loss.item(), grad_norm.item())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums_L = [routing_sums(routing) for routing in out.routings]
@@ -305,6 +313,24 @@ class Trainer:
             return out.loss.item(), out.aux_loss.item(), sums_L, grad_norm.item()
         loss, aux_loss = parallel.mean([out.loss.item(), out.aux_loss.item()])
         return loss, aux_loss, reduce_routing_sums(sums_L, parallel, self.sharded), grad_norm.item()
+
+    def _check_finite(self, loss: float, aux_loss: float, grad_norm: float) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (every rank alike)."""
+        diverged = not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm))
+        if self.parallel is not None:
+            diverged = self.parallel.any(diverged)
+        if diverged:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"training diverged at step {self.step + 1}: loss {loss}, auxiliary loss {aux_loss}, gradient norm "
+                f"{grad_norm}; the weights were not updated and no checkpoint was written. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return "No checkpoint was written before it: start again with a lower --lr or with --grad-clip."
+        return (f"The last good checkpoint is {folder} (step {int(folder.name.split('-')[1])}); start a new run "
+                f"from it with a lower --lr or with --grad-clip (moekit train --init-from {self.run_dir} ...).")
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> bool:
         """Train to config.steps; return False when stopped early (Ctrl-C or request_stop)."""
@@ -348,6 +374,9 @@ class Trainer:
                     self.interval = IntervalStats()
                 if self.step % cfg.eval_every == 0 or last:
                     self.last_val_loss = evaluate(self.model, self.val_batches, cfg.device, cfg.bf16, self.parallel)
+                    if not math.isfinite(self.last_val_loss):
+                        raise NonFiniteError(f"the validation loss at step {self.step} is {self.last_val_loss}; no "
+                                             f"checkpoint was written. {self._last_good()}")
                     record = record or {"step": self.step, "tokens": self.step * tokens_per_step, "elapsed": self.elapsed}
                     record["val_loss"] = self.last_val_loss
                 if record is not None and self.metrics is not None:
