@@ -71,8 +71,13 @@ class MoEConfig:
         shared_d_ff: hidden width of each shared expert (``None``: ``d_ff``).
         shared_expert_gate: scale the shared output by sigmoid(x·w) (Qwen2-MoE).
         compute: compute path by name (see ``moekit.COMPUTE_PATHS``).
-        check_finite: raise ``FloatingPointError`` when the input holds NaN/Inf
-            (costs one host sync per call).
+        check_finite: raise ``FloatingPointError`` when the input holds NaN/Inf, or
+            when a finite input gives a non-finite output (an expert overflowed);
+            costs two host syncs per call. Without it, a NaN token reaches the
+            other tokens of its batch under ``soft`` (slots mix every token of a
+            sequence), ``expert_choice`` (experts rank tokens by score) and
+            capacity (tokens compete for slots); under dropless token choice it
+            stays in its own row.
         debug_balanced_routing: replace the router's choice by a perfectly
             balanced one (token t's k-th expert is (t·K + k) mod E, weights
             1/K), so throughput can be measured whatever the router learned.

@@ -162,6 +162,8 @@ class MoE(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, plan, x.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD, valid_T).to(y_TD.dtype)
+        if self.config.check_finite and not bool(torch.isfinite(y_TD).all()):
+            raise FloatingPointError(f"{self.name}: output contains NaN or Inf for a finite input (an expert overflowed)")
         dispatched, losses = self.dispatcher.report(routing, plan)
         return MoEOutput(y_TD.view(x.shape), self._aux_loss(losses, x_TD), MoERouting(routing, dispatched, losses))
 
@@ -222,6 +224,18 @@ class MoE(nn.Module):
                 )
         if self.config.check_finite and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"{self.name}: input contains NaN or Inf")
+        expected = self._parameter_dtype()
+        if expected is not None and x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self.name}: input dtype {x.dtype} differs from the layer's parameters ({expected}); "
+                            f"cast the input (x.to({expected})) or the layer (layer.to({x.dtype})), or run under "
+                            "torch.autocast")
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        for module in (self.experts, self.router):
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return None
 
     def _aux_loss(self, losses: Mapping[str, Tensor], x_TD: Tensor) -> Tensor:
         aux_loss = None

@@ -47,9 +47,9 @@ class ExpertChoiceRouter(GateRouter):
     global_losses = frozenset(losses)
 
     def capacity(self, num_tokens: int) -> int:
-        """Tokens each expert takes: ceil(capacity_factor · T / E), in [1, T]."""
+        """Tokens each expert takes: ceil(capacity_factor · T / E), in [1, T] (0 for an empty batch)."""
         factor = self.top_k if self.options.capacity_factor is None else self.options.capacity_factor
-        return max(1, min(num_tokens, math.ceil(factor * num_tokens / self.num_experts)))
+        return max(min(1, num_tokens), min(num_tokens, math.ceil(factor * num_tokens / self.num_experts)))
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None,
               sequence_length) -> ExpertChoiceRouting:

@@ -70,6 +70,8 @@ class SoftRouter(Router):
         dtype = gate_dtype(x_TD)
         T, D = x_TD.shape
         L = T if sequence_length is None else sequence_length
+        if T == 0:  # an empty batch: no sequence, whatever their length
+            L = max(L, 1)
         if L < 1 or T % L != 0:
             raise ValueError(f"sequence_length ({sequence_length}) must divide the number of tokens ({T})")
         G = T // L
