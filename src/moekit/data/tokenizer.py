@@ -104,7 +104,10 @@ class BPETokenizer:
 
 def load_tokenizer(path: Path) -> ByteTokenizer | BPETokenizer:
     """Read the tokenizer a run folder saved."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); it may have been cut off") from None
     if data.get("moekit_tokenizer") == "bytes":
         return ByteTokenizer()
     return BPETokenizer.load(path)

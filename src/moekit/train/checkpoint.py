@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -265,9 +266,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     model_file = folder / "model.safetensors"
     try:
         load_model(model, str(model_file), strict=True)
-    except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{str(model_file)!r} does not load into this model: "
-                              f"{str(error).splitlines()[0]}") from None
+    except (RuntimeError, OSError, SafetensorError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing", "Unexpected"))),
+                      lines[0] if lines else type(error).__name__)
+        raise CheckpointError(f"{str(model_file)!r} does not load into this model (its config.json and the "
+                              f"checkpoint disagree?): {detail}") from None
     try:
         check_finite_state(list(model.state_dict().items()), str(model_file))
     except NonFiniteError as error:
@@ -277,13 +281,38 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(state_file)!r} is not valid JSON ({error})") from None
-    step = state.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{str(state_file)!r} records step {step!r}; expected a whole number >= 0")
+    check_trainer_state(state, state_file)
     if optimizer is not None:
         optimizer_file = folder / "optimizer.safetensors"
-        load_optimizer(optimizer, load_file(str(optimizer_file)), state["optimizer_param_groups"], str(optimizer_file))
+        load_optimizer(optimizer, read_tensors(optimizer_file), state["optimizer_param_groups"], str(optimizer_file))
     return state
+
+
+TRAINER_STATE_KEYS = ("step", "elapsed", "interval", "optimizer_param_groups")
+
+
+def check_trainer_state(state: dict, path: Path) -> None:
+    """The keys a resume reads, and a step that can be one; else a ``CheckpointError`` naming the file."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} is not a trainer state written by moekit")
+    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
+    if "rng" not in state and "rng_per_rank" not in state:
+        missing.append("rng")
+    if missing:
+        raise CheckpointError(f"{str(path)!r} lacks {', '.join(map(repr, missing))}: it is not a complete trainer "
+                              "state; resume from an earlier checkpoint")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{str(path)!r} records step {step!r}; expected a whole number >= 0")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a truncated or foreign file named."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{str(path)!r} cannot be read as safetensors ({error}); it may have been cut off; "
+                              "resume from an earlier checkpoint") from None
 
 
 # --- several processes: checkpoints in the canonical layout ---------------------------
@@ -341,16 +370,21 @@ def load_parallel_checkpoint(folder: Path, model: nn.Module, optimizer: torch.op
 
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     verify_checksums(folder)
-    state = load_file(str(Path(folder) / "model.safetensors"))
+    state = read_tensors(Path(folder) / "model.safetensors")
     for names in _tied_names(module):
         present = [name for name in names if name in state]
         if present:
             for name in names:
                 state.setdefault(name, state[present[0]])
     load_full_state_dict(module, state, strict=True)
-    trainer_state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    state_file = Path(folder) / "trainer_state.json"
+    try:
+        trainer_state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(state_file)!r} is not valid JSON ({error})") from None
+    check_trainer_state(trainer_state, state_file)
     if optimizer is not None:
-        tensors = load_file(str(Path(folder) / "optimizer.safetensors"))
+        tensors = read_tensors(Path(folder) / "optimizer.safetensors")
         load_optimizer(optimizer, shard_optimizer_tensors(module, optimizer, tensors),
                        trainer_state["optimizer_param_groups"])
     return trainer_state

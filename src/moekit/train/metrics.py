@@ -98,7 +98,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop lines written after the checkpoint we resume from, so the curve continues.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(r) for r in _parse_lines(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -142,4 +142,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path)
+
+
+def _parse_lines(path: Path) -> list[dict]:
+    """The records of a metrics file; a torn last line (a writer killed mid-line) is dropped,
+    a broken line before it is a ``ValueError`` naming the file and the line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{str(path)!r} line {number} is not a metrics record ({error})") from None
+        records.append(record)
+    return records

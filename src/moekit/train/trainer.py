@@ -159,8 +159,25 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a moekit run folder: it has no config.json")
-    config = json.loads(path.read_text())
-    return LMConfig(**config["model"]), TrainConfig(**config["train"]), config["data"]
+    try:
+        config = json.loads(path.read_text())
+        sections = config["model"], config["train"], config["data"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); it may have been cut off") from None
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{str(path)!r} lacks its {error} section; it is not a config written by moekit") from None
+    settings = []
+    for name, cls, section in (("model", LMConfig, sections[0]), ("train", TrainConfig, sections[1])):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"{str(path)!r}: unknown {name} setting(s) {', '.join(map(repr, unknown))}; this moekit "
+                             f"knows {', '.join(sorted(known))}")
+        try:
+            settings.append(cls(**section))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{str(path)!r}: its {name} settings are invalid: {error}") from None
+    return settings[0], settings[1], sections[2]
 
 
 @torch.no_grad()
