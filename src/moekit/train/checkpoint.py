@@ -281,7 +281,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(state_file)!r} is not valid JSON ({error})") from None
-    check_trainer_state(state, state_file)
+    check_trainer_state(state, state_file, resuming=optimizer is not None)
     if optimizer is not None:
         optimizer_file = folder / "optimizer.safetensors"
         load_optimizer(optimizer, read_tensors(optimizer_file), state["optimizer_param_groups"], str(optimizer_file))
@@ -291,13 +291,16 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 TRAINER_STATE_KEYS = ("step", "elapsed", "interval", "optimizer_param_groups")
 
 
-def check_trainer_state(state: dict, path: Path) -> None:
-    """The keys a resume reads, and a step that can be one; else a ``CheckpointError`` naming the file."""
+def check_trainer_state(state: dict, path: Path, resuming: bool = True) -> None:
+    """A step that can be one, and when ``resuming`` the keys a resume reads; else a
+    ``CheckpointError`` naming the file (loading weights for inference needs only the step)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} is not a trainer state written by moekit")
-    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
-    if "rng" not in state and "rng_per_rank" not in state:
+    missing = [key for key in TRAINER_STATE_KEYS if key not in state] if resuming else []
+    if resuming and "rng" not in state and "rng_per_rank" not in state:
         missing.append("rng")
+    if "step" not in state and "step" not in missing:
+        missing.insert(0, "step")
     if missing:
         raise CheckpointError(f"{str(path)!r} lacks {', '.join(map(repr, missing))}: it is not a complete trainer "
                               "state; resume from an earlier checkpoint")
@@ -382,7 +385,7 @@ def load_parallel_checkpoint(folder: Path, model: nn.Module, optimizer: torch.op
         trainer_state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(state_file)!r} is not valid JSON ({error})") from None
-    check_trainer_state(trainer_state, state_file)
+    check_trainer_state(trainer_state, state_file, resuming=optimizer is not None)
     if optimizer is not None:
         tensors = read_tensors(Path(folder) / "optimizer.safetensors")
         load_optimizer(optimizer, shard_optimizer_tensors(module, optimizer, tensors),
