@@ -8,20 +8,26 @@ TRITON ?= "triton==3.6.0" "numpy<2.4"
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What `make demo` needs: torch and moekit, without the dev tools and Triton.
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: demo test test-all test-gpu bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+$(RUN_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(if $(strip $(TRITON)),$(PY) -m pip install -q $(TRITON))
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/moekit demo --threads 1
 
 test: $(STAMP)

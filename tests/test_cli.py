@@ -138,3 +138,43 @@ def test_a_diverging_run_exits_with_a_named_error_and_keeps_its_last_good_checkp
         json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl"))
     assert main(["eval", str(run), "--batches", "1", "--batch-size", "2"]) == 0  # the kept checkpoint is finite
     assert json.loads(capsys.readouterr().out)["val_loss"] < 1e3
+
+
+def test_version_and_a_missing_gpu_are_answered_before_any_work(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("moekit 0.")
+    if not __import__("torch").cuda.is_available():
+        assert main(["demo", "--device", "cuda", "--out", str(tmp_path / "demo")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "demo").exists()  # nothing trained, not even the tokenizer
+
+
+def test_eval_and_generate_on_a_demo_folder_point_to_its_runs(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    (demo / "moe-seed0").mkdir(parents=True)
+    (demo / "moe-seed0" / "config.json").write_text("{}")
+    (demo / "demo.json").write_text("{}")
+    for command in (["eval", str(demo)], ["generate", str(demo)]):
+        assert main(command) == 2
+        assert f"is a demo folder; pass one of its runs: {demo / 'moe-seed0'}" in capsys.readouterr().err
+
+
+def test_bench_names_an_allocation_it_could_not_make_in_one_short_line():
+    from moekit.apps.bench import failure_reason
+
+    error = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)")
+    assert failure_reason(error) == "out of memory: it asks for 32.0 GiB at once"
+
+
+def test_ctrl_c_during_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    import moekit.apps.commands as commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_eval", interrupted)
+    assert main(["eval", "somewhere"]) == 130
+    err = capsys.readouterr().err
+    assert "moekit eval: interrupted" in err and "Traceback" not in err

@@ -243,6 +243,14 @@ def test_dropless_grouped_mm_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x).y, moe(x).y)
 
 
+def test_auto_compiles_in_float32_on_cpu():
+    # grouped_mm's fake kernel takes bf16 only on CPU: auto must pick a path that traces.
+    moe = MoE(d_model=16, d_ff=32, num_experts=4, top_k=2)
+    x = torch.randn(24, 16)
+    compiled = torch.compile(moe, backend="eager")
+    torch.testing.assert_close(compiled(x).y, moe(x).y)
+
+
 def test_debug_balanced_routing_spreads_tokens_evenly():
     moe = MoE(d_model=8, d_ff=8, num_experts=4, top_k=2, debug_balanced_routing=True)
     with torch.no_grad():

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report what their experts learned, reshape trained MoEs (upcycle, grow, prune) and time MoE layers.",
         epilog="Start with `moekit demo`; see docs/lm.md.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a language model (MoE or dense) into a run folder",
@@ -322,8 +325,21 @@ def main(argv: list[str] | None = None) -> int:
         from .compute.memory import keep_freed_memory
 
         keep_freed_memory()
+    device = str(getattr(args, "device", "cpu") or "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # before any work (the demo would train a tokenizer first)
+            print(f"moekit {args.command}: error: --device {device}: this machine has no CUDA device "
+                  "torch can use; use --device cpu", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if os.environ.get("MOEKIT_DEBUG"):
+            raise
+        print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as err:
         if os.environ.get("MOEKIT_DEBUG"):
             raise

@@ -171,3 +171,9 @@ def test_temporary_files_of_killed_writers_are_removed(finished):
     live.write_bytes(b"x")
     assert checkpoint_module.remove_stale_temporary_files(run / "checkpoints") == [stale]
     assert live.exists() and not stale.exists()
+
+
+def test_resume_steps_below_the_run_names_the_option(finished):
+    run, _ = finished
+    with pytest.raises(ValueError, match=r"--resume-steps \(2\) cannot shorten the run below its 4 steps"):
+        resume_run(run, steps=2, progress=False, tensorboard=False)

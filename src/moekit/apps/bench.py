@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -225,6 +226,16 @@ class CaseResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+def failure_reason(error: BaseException) -> str:
+    """One short line for why a case did not run (an allocator's refusal as the size it asked for)."""
+    text = str(error)
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"out of memory: it asks for {int(asked.group(1)) / 2**30:.1f} GiB at once"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
 def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | None = None) -> CaseResult:
     dtype, device = getattr(torch, case.dtype), torch.device(case.device)
     torch.manual_seed(0)
@@ -275,7 +286,7 @@ def run_case(case: Case, repeats: int = 5, progress: Callable[[str], None] | Non
                 fns[name]()
                 synchronize(device)
             except (RuntimeError, MemoryError) as error:
-                failed[name] = str(error).splitlines()[0][:120]
+                failed[name] = failure_reason(error)
                 del fns[name], modules[name]
     if progress:
         progress(case.name)

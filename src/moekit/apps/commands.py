@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -96,6 +97,7 @@ def cmd_eval(args) -> int:
     from ..data.dataset import encode_documents
     from ..train import evaluate, read_run_config
 
+    _refuse_demo_folder(args.run_dir)
     model_config, _, _ = read_run_config(Path(args.run_dir))
     _, _, data_info = read_run_config(Path(args.data_of or args.run_dir))
     tokenizer = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
@@ -116,9 +118,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _end_line_on_error():
+    """An error during generation starts on its own line, not after the text printed so far."""
+    try:
+        yield
+    except BaseException:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
+
+
+def _refuse_demo_folder(run_dir: str) -> None:
+    folder = Path(run_dir)
+    if not (folder / "config.json").exists() and (folder / "demo.json").exists():
+        runs = sorted(p.name for p in folder.iterdir() if (p / "config.json").exists())
+        raise CLIError(f"{run_dir!r} is a demo folder; pass one of its runs: "
+                       + ", ".join(str(folder / name) for name in runs))
+
+
 def cmd_generate(args) -> int:
     import torch
 
+    _refuse_demo_folder(args.run_dir)
     model, tokenizer, _, offloaded = load_model_for_inference(args)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -128,7 +150,7 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     new_ids: list[int] = []
     printed = ""
-    with routing_recorder(model, args.trace) as trace:
+    with routing_recorder(model, args.trace) as trace, _end_line_on_error():
         for token in model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, generator=generator):
             if int(token) == tokenizer.eot_id and not args.ignore_eot:

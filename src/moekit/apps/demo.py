@@ -69,9 +69,8 @@ def cmd_demo(args) -> int:
             else:
                 trainer = new_run(run_dir, model_config, train_config, data_config, prepared=prepared,
                                   description=description)
+            trainer.resume_command = f"moekit demo --out {out} (with the same options)"
             if not trainer.fit():
-                print(f"demo interrupted; run `moekit demo --out {out}` again with the same options to continue",
-                      file=sys.stderr)
                 return 130
         comparison = compare(read_metrics(run_dirs["MoE"]), read_metrics(run_dirs["dense"]))
         comparison["seed"] = seed

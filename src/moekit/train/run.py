@@ -127,7 +127,7 @@ def resume_run(
     model_config, train_config, data_info = read_run_config(run_dir)
     if steps is not None:
         if steps < train_config.steps:
-            raise ValueError(f"--steps ({steps}) cannot shorten the run below its {train_config.steps} steps")
+            raise ValueError(f"--resume-steps ({steps}) cannot shorten the run below its {train_config.steps} steps")
         train_config.steps = steps
         data_config_info = dict(data_info)
         if is_main:

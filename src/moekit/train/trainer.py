@@ -284,6 +284,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, resume_step, tensorboard=tensorboard) if self.is_main else None
         self._stop_requested = False
         self._shown: dict[str, str] = {}  # progress-bar fields
+        # What an interrupted run tells the user to type (the demo continues its own way).
+        self.resume_command = f"moekit train --resume {self.run_dir}"
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from fit()."""
@@ -409,7 +411,7 @@ class Trainer:
                 if self.is_main:
                     bar.write(
                         f"stopped at step {self.step}/{cfg.steps}; checkpoint saved. "
-                        f"Continue with: moekit train --resume {self.run_dir}"
+                        f"Continue with: {self.resume_command}"
                     )
                 return False
             return True
