@@ -178,3 +178,41 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["eval", "somewhere"]) == 130
     err = capsys.readouterr().err
     assert "moekit eval: interrupted" in err and "Traceback" not in err
+
+
+def test_threads_are_recorded_with_the_run_and_reused(tmp_path, corpus_dir, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    try:
+        assert main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "2", *TINY,
+                     "--threads", "2"]) == 0
+        assert json.loads((run / "config.json").read_text())["runtime"]["threads"] == 2
+        torch.set_num_threads(1)
+        assert main(["eval", str(run), "--batches", "1", "--batch-size", "2"]) == 0
+        assert torch.get_num_threads() == 2  # the run's count, not torch's default
+        torch.set_num_threads(1)
+        assert main(["train", "--resume", str(run), "--resume-steps", "3"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["generate", str(run), "--max-new-tokens", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1  # given explicitly
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_the_default_thread_count_leaves_busy_cores_alone(monkeypatch):
+    import moekit.apps.common as common
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 4)
+    for idle_share, expected in ((1.0, 4), (0.5, 2), (0.3, 1), (0.0, 1)):
+        monkeypatch.setattr(common, "_idle_share", lambda window, share=idle_share: share)
+        assert common.default_threads() == expected
+
+
+def test_hash_routing_trains_on_the_tokenizer_vocabulary_without_a_top_k(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "2", *TINY, "--router", "hash"]) == 0
+    moe = json.loads((run / "config.json").read_text())["model"]["moe"]
+    assert moe["router_options"]["vocab_size"] == 300 and moe["top_k"] == 1
+    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 0

@@ -15,6 +15,8 @@ from pathlib import Path
 from .apps.common import DEMO_DEFAULTS, DEMO_VOCAB_SIZE, TRAIN_DEFAULTS, CLIError
 
 DEMO_OUT = "runs/demo"
+THREADS_HELP = ("torch CPU threads (default: the count the run recorded, else the cores other processes "
+                "do not keep busy now)")
 
 
 def _command(module: str, name: str):
@@ -93,7 +95,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--bf16", action="store_true", help="autocast matrix multiplies to bfloat16")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
 
 
 def _add_surgery_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +110,7 @@ def _add_surgery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=_positive_int, default=16,
                    help="validation batches for the losses and the captured router inputs (default: %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--experts 0). Ctrl-C saves a checkpoint; --resume continues the same loss curve.")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint "
-                   "(its saved settings apply; other options are ignored, except --threads and the parallelism ones)")
+                   "(its saved settings apply, its recorded --threads too unless given; other options are ignored, "
+                   "except the parallelism ones)")
     p.add_argument("--resume-steps", dest="steps_override", type=_positive_int, default=None, metavar="N",
                    help="with --resume: train on to N steps in all (the cosine schedule is stretched to N)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -184,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-of", metavar="OTHER_RUN", default=None,
                    help="evaluate on the validation split of OTHER_RUN's corpus (e.g. the data a grown model "
                    "was trained on before growing)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     _add_offload_args(p)
     p.set_defaults(func=_command("commands", "cmd_eval"))
 
@@ -199,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eot", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--trace", metavar="FILE", default=None,
                    help="record which experts each MoE layer computes into FILE (JSON), for moekit cache-sim")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     _add_offload_args(p)
     p.set_defaults(func=_command("commands", "cmd_generate"))
 
@@ -215,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=_positive_int, default=16,
                    help="validation batches for the loss change and the coverage report (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_command("inference", "cmd_quantize"))
 
     p = sub.add_parser("cache-sim", help="hit rates of expert caches on a routing trace from generate --trace",
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (moekit train) or a demo folder (moekit demo)")
     p.add_argument("--baseline", metavar="RUN_DIR", help="a second run to compare with (e.g. a dense model)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR/report)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_command("commands", "cmd_report"))
 
     p = sub.add_parser("demo", help="train an MoE and a dense model on the same tokens and compare them",
@@ -295,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per case (default: %(default)s)")
     p.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-bandwidth case")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="let this process reuse freed memory instead of page-faulting it back in "
                    "(moekit.memory; the other commands always do, unless MOEKIT_KEEP_FREED_MEMORY=0)")
@@ -308,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the results (default: %(default)s)")
     p.set_defaults(func=_command("commands", "cmd_bench"))
     return parser
+
+
+def _set_threads(args) -> None:
+    """--threads, else what the run recorded, else the cores not busy now (one decision per process)."""
+    import torch
+
+    from .apps.common import default_threads, stored_threads
+
+    run = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+    args.threads = args.threads or stored_threads(run) or default_threads()
+    torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         from .compute.memory import keep_freed_memory
 
         keep_freed_memory()
+    if hasattr(args, "threads"):
+        _set_threads(args)
     device = str(getattr(args, "device", "cpu") or "cpu")
     if device.startswith("cuda"):
         import torch

@@ -17,6 +17,7 @@ from .common import (
     load_model,
     load_model_for_inference,
     new_run_folder,
+    record_threads,
 )
 from .inference import offload_result, routing_recorder
 
@@ -33,10 +34,6 @@ def _setup_parallel(args):
 
 
 def cmd_train(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     parallel = _setup_parallel(args)
     try:
         return _train(args, parallel)
@@ -85,6 +82,8 @@ def _train(args, parallel) -> int:
     if is_main and parallel is not None:
         print(f"{parallel.world_size} processes: experts sharded over {parallel.ep_size} (expert parallel), "
               f"{parallel.world_size // parallel.ep_size} data-parallel replica(s) of each expert", file=sys.stderr)
+    if is_main:
+        record_threads(trainer.run_dir, args.threads)  # resume, eval and generate reuse it
     finished = trainer.fit()
     if finished and is_main:
         print(f"done: final validation loss {trainer.last_val_loss:.4f}; report with: moekit report {trainer.run_dir}",
@@ -209,8 +208,6 @@ def cmd_bench(args) -> int:
     from ..train.checkpoint import atomic_write_text
     from .bench import run_suite
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,63 @@ DEMO_VOCAB_SIZE = 2048
 QUANTIZATION_FILE = "quantization.json"
 
 
+def default_threads(window_s: float = 0.1) -> int:
+    """Intra-op threads for this process: the cores it may run on, less those other processes
+    keep busy now (idle time over ``window_s`` from /proc/stat; the load average where that
+    is missing). On a shared machine more threads than free cores make every step wait for
+    the slowest thread (BENCHMARKS.md, "Threads")."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    idle_share = _idle_share(window_s)
+    if idle_share is not None:
+        free = round(idle_share * (os.cpu_count() or cores))
+    else:
+        try:
+            free = cores - round(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            free = cores
+    return max(1, min(cores, free))
+
+
+def _idle_share(window_s: float) -> float | None:
+    """The share of all CPUs' time spent idle over the next ``window_s`` seconds (Linux)."""
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window_s)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
+def stored_threads(run_dir: str | Path | None) -> int | None:
+    """The thread count a run recorded in its config.json (``runtime.threads``), if any."""
+    if run_dir is None:
+        return None
+    try:
+        value = json.loads((Path(run_dir) / "config.json").read_text()).get("runtime", {}).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def record_threads(run_dir: str | Path, threads: int) -> None:
+    """Write ``runtime.threads`` into a run's config.json (what resume and eval reuse)."""
+    from ..train.checkpoint import atomic_write_text
+
+    path = Path(run_dir) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("runtime", {}).get("threads") != threads:
+        config["runtime"] = dict(config.get("runtime", {}), threads=threads)
+        atomic_write_text(path, json.dumps(config, indent=2))
+
+
 def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
     from ..config import MoEConfig
     from ..models.lm import LMConfig
@@ -36,11 +95,16 @@ def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
         if args.experts < 1:
             raise CLIError(f"--experts ({args.experts}) must be >= 1 for an MoE model (0 gives a dense model)")
         expert_d_ff = args.expert_d_ff or max(args.d_ff // args.top_k, 1)
+        router = router_class(args.router)
+        extra = {}
+        if "vocab_size" in {f.name for f in dataclasses.fields(router.Options)}:
+            # A router that maps token ids (hash) covers the tokenizer's vocabulary.
+            extra["router_options"] = router.Options(vocab_size=vocab_size)
         moe_config = MoEConfig(
             d_model=args.d_model, d_ff=expert_d_ff, num_experts=args.experts,
-            top_k=None if router_class(args.router).top_k_fixed else args.top_k, router=args.router,
+            top_k=None if router.top_k_fixed else args.top_k, router=args.router,
             capacity_factor=args.capacity_factor, load_balance_coef=args.load_balance_coef,
-            z_loss_coef=args.z_loss_coef,
+            z_loss_coef=args.z_loss_coef, **extra,
         )
     model_config = LMConfig(
         vocab_size=vocab_size, context_length=args.context_length, n_layer=args.layers, n_head=args.heads,

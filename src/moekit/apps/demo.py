@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from .common import CLIError, check_router, configs_from_args, data_config_from_args
+from .common import CLIError, check_router, configs_from_args, data_config_from_args, record_threads
 
 
 def cmd_demo(args) -> int:
-    import torch
 
     from ..analysis.compare import compare, seed_summary
     from ..analysis.report import write_report
@@ -30,8 +29,6 @@ def cmd_demo(args) -> int:
     )
     from ..train.checkpoint import atomic_write_text
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     check_router(args.router)
     out = Path(args.out)
     started = time.perf_counter()
@@ -70,6 +67,7 @@ def cmd_demo(args) -> int:
                 trainer = new_run(run_dir, model_config, train_config, data_config, prepared=prepared,
                                   description=description)
             trainer.resume_command = f"moekit demo --out {out} (with the same options)"
+            record_threads(trainer.run_dir, args.threads)
             if not trainer.fit():
                 return 130
         comparison = compare(read_metrics(run_dirs["MoE"]), read_metrics(run_dirs["dense"]))

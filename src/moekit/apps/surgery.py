@@ -42,12 +42,9 @@ def _derived_train_config(args, source_train, **changes):
 def _surgery(args, operate) -> int:
     """Load RUN_DIR, apply ``operate(model, val_batches) -> (new_model, train_changes, info)``,
     measure the validation loss before and after, and write the new run folder."""
-    import torch
 
     from ..train import evaluate, fork_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     source = Path(args.run_dir)
     out = new_run_folder(args.out)
     model, tokenizer, source_train, _ = load_model(args.run_dir)

@@ -262,20 +262,89 @@ class HFMoEBlock(nn.Module):
 
     Returns what the block returned (the mixed hidden states), and keeps the
     last ``MoEOutput`` in ``last_output`` for routing statistics and the
-    auxiliary loss.
+    auxiliary loss. It behaves as the block did where transformers looks:
+
+    - ``output_router_logits=True``: the router logits reach transformers' output
+      capture through ``router_logits_recorder``, an instance of (a parameter-free
+      subclass of) the block's own router class, so the model returns
+      ``router_logits`` and its ``aux_loss`` as before conversion;
+    - the model's ``attention_mask`` (passed to the layer by ``convert_model``'s
+      hook) is moekit's padding mask: padding reaches no expert and no loss;
+    - Mixtral's ``router_jitter_noise`` scales the hidden states in training, as
+      transformers' block does (routing and experts see the same jittered input).
     """
 
-    def __init__(self, moe: MoE, hf_config: Any, family: str):
+    def __init__(self, moe: MoE, hf_config: Any, family: str, router_class: type | None = None,
+                 jitter_noise: float = 0.0):
         super().__init__()
         self.moe = moe
         self.hf_config = hf_config
         self.family = family
         self.last_output = None
+        self.jitter_noise = float(jitter_noise or 0.0)
+        self.router_logits_recorder = _recorder_for(router_class) if router_class is not None else None
+        self.padding_mask: Tensor | None = None  # set per forward by the model's pre-hook
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        out = self.moe(hidden_states)
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        out = self.moe(hidden_states, mask=self._mask_for(hidden_states))
         self.last_output = out
+        if self.router_logits_recorder is not None and out.routing.decision.logits_TE is not None:
+            self.router_logits_recorder(out.routing.decision.logits_TE.to(hidden_states.dtype))
         return out.y
+
+    def _mask_for(self, hidden_states: Tensor) -> Tensor | None:
+        mask = self.padding_mask
+        if mask is None or hidden_states.dim() != 3 or mask.dim() != 2 or mask.shape[0] != hidden_states.shape[0]:
+            return None
+        mask = mask[:, -hidden_states.shape[1]:].to(device=hidden_states.device, dtype=torch.bool)
+        if mask.shape[1] != hidden_states.shape[1] or bool(mask.all()):
+            return None
+        return mask
+
+
+_RECORDERS: dict[type, type] = {}
+
+
+def _recorder_for(router_class: type) -> nn.Module:
+    """A parameter-free module that is an instance of ``router_class`` and returns the logits
+    it is called with where transformers' output capture reads them."""
+    recorder = _RECORDERS.get(router_class)
+    if recorder is None:
+        def __init__(self):
+            nn.Module.__init__(self)
+
+        def forward(self, logits_TE):
+            return logits_TE, logits_TE, logits_TE  # the logits at every index a recorder may read
+
+        recorder = type(router_class.__name__, (router_class,), {"__init__": __init__, "forward": forward,
+                                                                 "__module__": __name__})
+        _RECORDERS[router_class] = recorder
+    return recorder()
+
+
+def _router_class(block: nn.Module) -> type | None:
+    for child in block.children():
+        if type(child).__name__.lower().endswith(("router", "topkrouter", "top1router")):
+            return type(child)
+    return None
+
+
+def _install_padding_mask_hook(model: nn.Module) -> None:
+    """Hand the model's ``attention_mask`` (1 = real token) to its converted blocks each forward."""
+    if getattr(model, "_moekit_padding_hook", None) is not None:
+        return
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        for block in module.modules():
+            if isinstance(block, HFMoEBlock):
+                block.padding_mask = mask
+
+    model._moekit_padding_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _replace_modules(model: nn.Module, match, build) -> int:
@@ -295,14 +364,33 @@ def convert_model(model: nn.Module, **overrides) -> nn.Module:
         model,
         lambda m: type(m).__name__ in FAMILIES,
         lambda block: HFMoEBlock(
-            from_hf_block(block, model_config, **overrides), _block_config(block, model_config), type(block).__name__
+            from_hf_block(block, model_config, **overrides), _block_config(block, model_config), type(block).__name__,
+            router_class=_router_class(block), jitter_noise=getattr(block, "jitter_noise", 0.0),
         ),
     )
     if count == 0:
         raise ValueError(
             f"{type(model).__name__} holds no supported MoE block; supported: {', '.join(sorted(FAMILIES))}"
         )
+    _hook_recorders_if_capture_is_installed(model)
+    _install_padding_mask_hook(model)
     return model
+
+
+def _hook_recorders_if_capture_is_installed(model: nn.Module) -> None:
+    """transformers hooks its output capture once per model, at its first forward: a model that
+    ran before conversion gets the router-logits hook on its new recorders here."""
+    if not any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules()):
+        return  # the first forward installs them, recorders included
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:
+        return
+    for module in model.modules():
+        recorder = getattr(module, "router_logits_recorder", None) if isinstance(module, HFMoEBlock) else None
+        if recorder is not None and not getattr(recorder, "_moekit_hooked", False):
+            install_output_capuring_hook(recorder, "router_logits", 0)
+            recorder._moekit_hooked = True
 
 
 def export_model(model: nn.Module) -> nn.Module:

@@ -1,0 +1,72 @@
+"""A converted model as a drop-in for transformers' own: router logits and aux_loss in its
+output, the attention mask as moekit's padding mask, Mixtral's training-time jitter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from test_hf import FAMILIES, _model  # noqa: E402
+
+from moekit.interop.hf import HFMoEBlock, convert_model  # noqa: E402
+
+CAUSAL = [f for f in FAMILIES if f != "switch"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("ran_before_conversion", [False, True])
+def test_router_logits_and_aux_loss_are_returned_as_before_conversion(family, ran_before_conversion):
+    model = _model(family)
+    ids = torch.randint(0, 101, (2, 7))
+    reference = model(ids, labels=ids, output_router_logits=True)
+    converted = copy.deepcopy(model) if ran_before_conversion else _model(family)
+    convert_model(converted)
+    out = converted(ids, labels=ids, output_router_logits=True)
+    assert len(out.router_logits) == len(reference.router_logits) == 2
+    for mine, theirs in zip(out.router_logits, reference.router_logits, strict=True):
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aux_loss, reference.aux_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_the_attention_mask_is_the_padding_mask(family):
+    model = convert_model(_model(family))
+    ids = torch.randint(1, 101, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    blocks = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        routed = [int(b.last_output.routing.tokens_per_expert_E.sum()) for b in blocks]
+        losses = [b.last_output.aux_loss for b in blocks]
+        other = ids.clone()
+        other[1, :3] = torch.randint(1, 101, (3,))  # other padding content
+        model(other, attention_mask=mask)
+    top_k = blocks[0].moe.config.top_k
+    assert routed == [(16 - 3) * top_k] * len(blocks)  # padding reaches no expert
+    for block, loss in zip(blocks, losses, strict=True):
+        torch.testing.assert_close(block.last_output.aux_loss, loss)  # nor any loss
+
+
+def test_mixtral_router_jitter_is_applied_in_training_as_transformers_does():
+    from test_hf import TINY
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**TINY, intermediate_size=48, num_local_experts=4,
+                                             router_jitter_noise=0.3)).train()
+    converted = convert_model(copy.deepcopy(model)).train()
+    ids = torch.randint(0, 101, (2, 7))
+    torch.manual_seed(5)
+    reference = model(ids).logits
+    torch.manual_seed(5)
+    torch.testing.assert_close(converted(ids).logits, reference, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(6)
+    assert not torch.allclose(converted(ids).logits, reference, atol=1e-4)  # the noise is there
+    with torch.no_grad():
+        model.eval(), converted.eval()
+        torch.testing.assert_close(converted(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
