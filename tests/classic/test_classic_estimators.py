@@ -221,3 +221,13 @@ def test_responsibilities_reject_unseen_labels():
     model = MixtureOfExpertsClassifier(n_experts=2, n_init=1, random_state=0).fit(X, y)
     with pytest.raises(ValueError, match="labels not seen in fit"):
         model.responsibilities(X, np.full(20, 7))
+
+
+def test_gradient_refuses_features_that_overflow_it_and_em_stays_finite():
+    rng = np.random.RandomState(0)
+    X = rng.randn(120, 3) * 1e200
+    y = X[:, 0] / 1e200 + rng.randn(120) * 0.1
+    with pytest.raises(ValueError, match=r"method='gradient' optimises in float64.*StandardScaler"):
+        MixtureOfExpertsRegressor(n_experts=2, method="gradient", random_state=0).fit(X, y)
+    model = MixtureOfExpertsRegressor(n_experts=2, method="em", max_iter=20, random_state=0).fit(X, y)
+    assert np.isfinite(model.predict(X)).all()

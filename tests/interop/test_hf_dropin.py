@@ -70,3 +70,34 @@ def test_mixtral_router_jitter_is_applied_in_training_as_transformers_does():
     with torch.no_grad():
         model.eval(), converted.eval()
         torch.testing.assert_close(converted(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_deepseek_v3_with_top_k_above_the_kept_groups_converts_as_transformers_computes():
+    from test_hf import TINY
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**{**TINY, "num_key_value_heads": 4, "num_experts_per_tok": 8}, intermediate_size=64,
+                              moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1, n_group=2,
+                              topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    model = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") or "experts" in name:
+                p.normal_(std=0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.5)  # negative biases too: the masked experts' 0 score then matters
+    ids = torch.randint(0, 101, (2, 7))
+    reference = model(ids).logits
+    convert_model(model)
+    torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_limit_that_top_k_cannot_meet_says_how_to_allow_it():
+    from moekit import MoEConfig
+
+    with pytest.raises(ValueError, match=r"top_k \(8\) must be <= topk_groups · experts per group \(4\), or set "
+                                         "outside_group_score"):
+        MoEConfig(d_model=8, d_ff=8, num_experts=8, top_k=8, router="sigmoid", num_expert_groups=2, topk_groups=1)

@@ -44,6 +44,9 @@ from tqdm.auto import tqdm
 from ._gates import MixtureGate, minimize_torch
 
 _METHODS = ("em", "two_stage", "gradient")
+# Beyond this, squares and products of features overflow float64 in the gradient method's
+# likelihood and penalties (1e150 trains, 1e200 gave NaN predictions).
+_GRADIENT_MAX_ABS_FEATURE = 1e150
 _GATES = ("logistic", "mlp")
 _INITS = ("kmeans", "random")
 # Experts that put probability 0 on the observed class (trees) would make log P = -inf and
@@ -192,6 +195,12 @@ class _MixtureOfExpertsBase(BaseEstimator):
         """
         X, y = validate_data(self, X, y, y_numeric=isinstance(self, RegressorMixin))
         X = np.asarray(X, dtype=np.float64)
+        if self.method == "gradient" and X.size and np.abs(X).max() > _GRADIENT_MAX_ABS_FEATURE:
+            raise ValueError(
+                f"method='gradient' optimises in float64, where features as large as {np.abs(X).max():.3g} "
+                f"overflow its products (|x| must stay below {_GRADIENT_MAX_ABS_FEATURE:.0e}); scale X "
+                "(sklearn.preprocessing.StandardScaler) or use method='em' or 'two_stage'"
+            )
         y_enc = self._encode_targets(y)
         feature_indices = self._check_params(*X.shape)
         prototypes = self._expert_prototypes()

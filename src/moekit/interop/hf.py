@@ -47,8 +47,11 @@ def _topk_fields(config: Any) -> dict:
 
 
 def _sigmoid_fields(config: Any) -> dict:
+    # transformers scores experts outside the kept groups 0 (not −inf): the same choice, and
+    # configs with top_k above the kept groups' experts convert.
     return dict(num_expert_groups=config.n_group, topk_groups=config.topk_group,
-                routed_scaling_factor=float(config.routed_scaling_factor), load_balance_coef=0.0)
+                routed_scaling_factor=float(config.routed_scaling_factor), load_balance_coef=0.0,
+                outside_group_score=0.0)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, G expert groups
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ class SigmoidOptions(GateOptions):
         topk_groups: groups kept per token (None: all groups).
         routed_scaling_factor: multiplies the routed gates.
         bias_update_rate: step γ of the auxiliary-loss-free bias update b_i += γ·sign(mean load − load_i).
+        outside_group_score: the choice score of experts outside a token's kept groups;
+            None: −∞ (never chosen, so top_k ≤ topk_groups · experts per group). transformers'
+            DeepSeek-V3 uses 0, so top_k above that picks some of them (converted models set it).
     """
 
     normalize_weights: bool = True
@@ -50,6 +54,7 @@ class SigmoidOptions(GateOptions):
     topk_groups: int | None = None
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 0.001
+    outside_group_score: float | None = None
 
     def validate(self, *, num_experts: int, top_k: int) -> None:
         super().validate(num_experts=num_experts, top_k=top_k)
@@ -62,8 +67,11 @@ class SigmoidOptions(GateOptions):
         if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= groups:
             raise ValueError(f"topk_groups ({self.topk_groups!r}) must be an int in [1, {groups}]")
         reachable = kept * (num_experts // groups)
-        if top_k > reachable:
-            raise ValueError(f"top_k ({top_k}) must be <= topk_groups · experts per group ({reachable})")
+        if self.outside_group_score is not None:
+            check_number("outside_group_score", self.outside_group_score, low=-math.inf)
+        elif top_k > reachable:
+            raise ValueError(f"top_k ({top_k}) must be <= topk_groups · experts per group ({reachable}), or set "
+                             "outside_group_score (the score of experts outside the kept groups) to choose among them")
         check_number("routed_scaling_factor", self.routed_scaling_factor, low_inclusive=False)
         check_number("bias_update_rate", self.bias_update_rate)
 
@@ -72,8 +80,10 @@ class SigmoidOptions(GateOptions):
         return self.num_expert_groups if self.topk_groups is None else self.topk_groups
 
 
-def limit_to_top_groups(scores_TE: Tensor, num_groups: int, keep_groups: int) -> Tensor:
-    """Scores of experts outside each token's ``keep_groups`` best groups set to −inf.
+def limit_to_top_groups(scores_TE: Tensor, num_groups: int, keep_groups: int,
+                        outside_score: float | None = None) -> Tensor:
+    """Scores of experts outside each token's ``keep_groups`` best groups set to
+    ``outside_score`` (None: −inf).
 
     A group's score is the sum of its two best expert scores (its one score when
     a group holds a single expert).
@@ -84,7 +94,8 @@ def limit_to_top_groups(scores_TE: Tensor, num_groups: int, keep_groups: int) ->
     group_score_TG = scores_TGX.topk(best, dim=-1).values.sum(dim=-1)
     kept_groups_TM = group_score_TG.topk(keep_groups, dim=-1).indices
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_groups_TM, True)
-    return scores_TGX.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
+    fill = float("-inf") if outside_score is None else outside_score
+    return scores_TGX.masked_fill(~keep_TG[:, :, None], fill).view(T, E)
 
 
 def sequence_balance_sums(
@@ -161,7 +172,7 @@ class SigmoidRouter(GateRouter):
         affinity_TE = logits_TE.sigmoid()
         choice_TE = affinity_TE.detach() + self.expert_bias_E.to(affinity_TE.dtype)
         if o.kept_groups < o.num_expert_groups:
-            choice_TE = limit_to_top_groups(choice_TE, o.num_expert_groups, o.kept_groups)
+            choice_TE = limit_to_top_groups(choice_TE, o.num_expert_groups, o.kept_groups, o.outside_group_score)
         indices_TK = choice_TE.topk(self.top_k, dim=-1).indices
         selected_TK = affinity_TE.gather(1, indices_TK)
         if o.normalize_weights:
