@@ -199,6 +199,49 @@ def two_stage(out: Path, code: Path, base_steps: int, gate_steps: int) -> dict:
     return result
 
 
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures" / "surgery.json"
+
+
+def markdown_tables(results: dict) -> dict[str, str]:
+    """The tables docs/surgery.md quotes, by name, as this script's results give them
+    (tests/test_doc_figures.py holds the page to them)."""
+    tables = {}
+    up = results["upcycling"]["curves"]
+    names = ["dense, continued", "upcycled E=4 K=1", "upcycled E=4 K=2"]
+    rows = ["| extra steps | dense, continued | upcycled E=4 K=1 | upcycled E=4 K=2 |", "|---:|---:|---:|---:|"]
+    for i, (step, _) in enumerate(up[names[0]]):
+        values = [up[n][i][1] for n in names]
+        best = min(values)
+        cells = [f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in values]
+        rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    tables["upcycling"] = "\n".join(rows)
+    g = results["growing"]
+    labels = {"grow +4, old experts frozen": "`grow --add 4 --freeze-old`",
+              "grow +4, all trained": "`grow --add 4` (everything trains)",
+              "no growth, fine-tuned": "no growth, fine-tuned (`train --init-from --data`)"}
+    rows = ["| | old val (Python) | new val (text) | new train | new experts |", "|---|---:|---:|---:|---:|",
+            f"| before (base model) | {g['old_before']:.4f} | {g['new_before']:.4f} | | |"]
+    for key, label in labels.items():
+        r = g["after"][key]
+        share = f"{100 * r['new_expert_share']:.0f}%" if r["new_expert_share"] else ""
+        rows.append(f"| {label} | {r['old_val']:.4f} ({r['old_val'] - g['old_before']:+.3f}) | {r['new_val']:.4f} "
+                    f"({r['new_val'] - g['new_before']:+.3f}) | {r['train_loss']:.2f} | {share} |")
+    tables["growing"] = "\n".join(rows).replace("-0.", "−0.").replace("(−", "(−")
+    pr = results["pruning"]
+    rows = ["| removed | experts left | by load | by similarity |", "|---:|---:|---:|---:|",
+            f"| 0 | {len(pr['load']) + 1} | {pr['unpruned']:.4f} | {pr['unpruned']:.4f} |"]
+    for k, (load, similarity) in enumerate(zip(pr["load"], pr["similarity"], strict=True), start=1):
+        rows.append(f"| {k} | {len(pr['load']) + 1 - k} | {load:.4f} | {similarity:.4f} |")
+    tables["pruning"] = "\n".join(rows)
+    st = results["two_stage"]
+    rows = ["| | val |", "|---|---:|", f"| stage experts, routed by cluster | {st['experts_stage_cluster_routed']:.4f} |",
+            f"| stage gate, step 0 (untrained router decides) | {st['gate_stage_step0']:.4f} |"]
+    rows += [f"| stage gate, step {step} | {value:.4f} |" for step, value in st["gate_stage"]]
+    rows.append(f"| one stage, everything trained together 300 steps | {st['one_stage_same_model']:.4f} |")
+    tables["two_stage"] = "\n".join(rows)
+    return tables
+
+
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/surgery"), help="folder for every run (must be new)")
@@ -206,7 +249,13 @@ def main_cli() -> None:
     parser.add_argument("--extra-steps", type=int, default=300)
     parser.add_argument("--gate-steps", type=int, default=100)
     parser.add_argument("--only", default="upcycle,grow,prune,stages", help="comma-separated parts to run")
+    parser.add_argument("--tables", action="store_true",
+                        help=f"print the markdown tables of {FIGURES.name} (the figures docs/surgery.md quotes) and stop")
     args = parser.parse_args()
+    if args.tables:
+        for name, table in markdown_tables(json.loads(FIGURES.read_text())).items():
+            print(f"<!-- figures: surgery {name} -->\n{table}\n<!-- /figures -->\n")
+        return
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; pass a new --out (runs are never overwritten)")
     started = time.perf_counter()
@@ -223,7 +272,9 @@ def main_cli() -> None:
         results["two_stage"] = two_stage(args.out, code, args.base_steps, args.gate_steps)
     results["seconds"] = time.perf_counter() - started
     (args.out / "surgery.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{results['seconds']:.0f} s in all; results in {args.out / 'surgery.json'}")
+    print(f"\n{results['seconds']:.0f} s in all; results in {args.out / 'surgery.json'} (copy it to "
+          f"{FIGURES.relative_to(FIGURES.parent.parent.parent)} and paste `--tables` into docs/surgery.md when the "
+          "figures change)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""Figures quoted in docs come from the script named beside them: the page's tables are
+what the recorded results give, and (``slow``, ``make test-all``) the script still gives
+those results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _surgery_script():
+    spec = importlib.util.spec_from_file_location("surgery_benchmark", ROOT / "benchmarks" / "surgery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _page_tables(page: Path, source: str) -> dict[str, str]:
+    pattern = rf"<!-- figures: {source} (\w+) -->\n(.*?)\n<!-- /figures -->"
+    return {m.group(1): m.group(2) for m in re.finditer(pattern, page.read_text(), re.S)}
+
+
+def test_docs_surgery_quotes_the_recorded_results():
+    script = _surgery_script()
+    expected = script.markdown_tables(json.loads(script.FIGURES.read_text()))
+    quoted = _page_tables(ROOT / "docs" / "surgery.md", "surgery")
+    assert quoted.keys() == expected.keys()
+    for name, table in expected.items():
+        assert quoted[name] == table, f"docs/surgery.md's {name} table differs from docs/figures/surgery.json"
+
+
+@pytest.mark.slow
+def test_the_surgery_script_still_gives_the_recorded_results(tmp_path):
+    out = tmp_path / "surgery"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "surgery.py"), "--out", str(out)], check=True,
+                   capture_output=True, cwd=ROOT)
+    fresh = json.loads((out / "surgery.json").read_text())
+    recorded = json.loads(_surgery_script().FIGURES.read_text())
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return [n for key in sorted(value) if key not in ("settings", "seconds") for n in numbers(value[key])]
+        if isinstance(value, list):
+            return [n for item in value for n in numbers(item)]
+        return [value] if isinstance(value, int | float) else []
+
+    mine, theirs = numbers(fresh), numbers(recorded)
+    assert len(mine) == len(theirs)
+    drifted = [(a, b) for a, b in zip(mine, theirs, strict=True) if abs(a - b) > 5e-4]
+    assert not drifted, f"benchmarks/surgery.py no longer gives docs/figures/surgery.json: {drifted[:5]}"
