@@ -101,3 +101,23 @@ def test_a_group_limit_that_top_k_cannot_meet_says_how_to_allow_it():
     with pytest.raises(ValueError, match=r"top_k \(8\) must be <= topk_groups · experts per group \(4\), or set "
                                          "outside_group_score"):
         MoEConfig(d_model=8, d_ff=8, num_experts=8, top_k=8, router="sigmoid", num_expert_groups=2, topk_groups=1)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
+def test_save_pretrained_of_a_converted_model_writes_what_transformers_and_moekit_load(family, tmp_path):
+    from moekit.interop.hf import load_pretrained
+
+    model = convert_model(_model(family))
+    ids = torch.randint(0, 101, (1, 6))
+    reference = model(ids).logits
+    model.save_pretrained(tmp_path)
+    original, info = FAMILIES[family][0].from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(original.eval()(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(load_pretrained(tmp_path).eval()(ids).logits, reference, rtol=0, atol=0)
+    fresh = convert_model(_model(family))  # a converted model loads the transformers layout back
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(ids).logits, reference, rtol=0, atol=0)

@@ -287,6 +287,10 @@ class HFMoEBlock(nn.Module):
         self.jitter_noise = float(jitter_noise or 0.0)
         self.router_logits_recorder = _recorder_for(router_class) if router_class is not None else None
         self.padding_mask: Tensor | None = None  # set per forward by the model's pre-hook
+        # state_dict() is the transformers block's, so save_pretrained writes a folder transformers
+        # and load_pretrained read; loading takes either layout.
+        self._register_state_dict_hook(_state_dict_in_hf_layout)
+        self._register_load_state_dict_pre_hook(_load_either_layout, with_module=True)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.training and self.jitter_noise > 0:
@@ -306,6 +310,38 @@ class HFMoEBlock(nn.Module):
         if mask.shape[1] != hidden_states.shape[1] or bool(mask.all()):
             return None
         return mask
+
+
+def _state_dict_in_hf_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata) -> None:
+    if not hasattr(module.moe.experts, "w_in"):
+        return  # experts that transformers' block cannot hold (quantized, offloaded) keep moekit's layout
+    moekit_keys = [k for k in state_dict if k.startswith(prefix + "moe.")]
+    if not moekit_keys:
+        return
+    with torch.no_grad():
+        block = to_hf_block(module.moe, module.hf_config, module.family)
+    for key in moekit_keys:
+        del state_dict[key]
+    for key, value in block.state_dict().items():
+        state_dict[prefix + key] = value
+
+
+def _load_either_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata, strict: bool,
+                        missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    own = [k for k in state_dict if k.startswith(prefix)]
+    if not own or any(k.startswith(prefix + "moe.") for k in own) or not hasattr(module.moe.experts, "w_in"):
+        return  # moekit's own layout: nothing to convert
+    with torch.no_grad():
+        block = to_hf_block(module.moe, module.hf_config, module.family)
+        incoming = {k[len(prefix):]: state_dict.pop(k) for k in own}
+        result = block.load_state_dict(incoming, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            error_msgs.append(f"{prefix or 'the block'}: transformers-layout tensors missing "
+                              f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+            return
+        converted = from_hf_block(block, module.hf_config)
+    for key, value in converted.state_dict().items():
+        state_dict[prefix + "moe." + key] = value
 
 
 _RECORDERS: dict[type, type] = {}
