@@ -121,3 +121,21 @@ def test_save_pretrained_of_a_converted_model_writes_what_transformers_and_moeki
             p.zero_()
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(ids).logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_init_weights_after_the_meta_device_initialises_the_converted_blocks_as_transformers_does(family):
+    cls, config = FAMILIES[family]
+    with torch.device("meta"):
+        model = cls(config())
+    convert_model(model)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    assert [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())] == []
+    std = model.config.initializer_range
+    for block in (m for m in model.modules() if isinstance(m, HFMoEBlock)):
+        assert abs(float(block.moe.experts.w_in.std()) - std) < 0.25 * std
+        assert abs(float(block.moe.router.weight.std()) - std) < 0.5 * std

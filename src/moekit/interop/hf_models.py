@@ -48,6 +48,17 @@ class HFMoEBlock(nn.Module):
         self._register_state_dict_hook(_state_dict_in_hf_layout)
         self._register_load_state_dict_pre_hook(_load_either_layout, with_module=True)
 
+    @torch.no_grad()
+    def initialize_with(self, init_weights) -> None:
+        """Initialise the layer as ``init_weights`` (a transformers model's ``_init_weights``)
+        initialises the original block."""
+        if not hasattr(self.moe.experts, "w_in"):
+            return
+        block = to_hf_block(self.moe, self.hf_config, self.family)
+        for module in block.modules():
+            init_weights(module)
+        self.moe.load_state_dict(from_hf_block(block, self.hf_config).state_dict())
+
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.training and self.jitter_noise > 0:
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
@@ -169,7 +180,29 @@ def convert_model(model: nn.Module, **overrides) -> nn.Module:
         )
     _hook_recorders_if_capture_is_installed(model)
     _install_padding_mask_hook(model)
+    _initialize_blocks_as_transformers_does(model)
     return model
+
+
+def _initialize_blocks_as_transformers_does(model: nn.Module) -> None:
+    """Make transformers' ``init_weights`` (after materialising from the meta device, or
+    ``post_init``) initialise each converted block as it would the original: the block is
+    rebuilt in transformers' layout, initialised by the model's own ``_init_weights``, and
+    copied back. The moekit modules inside a block are left to that."""
+    for owner in [m for m in model.modules() if hasattr(type(m), "_init_weights") and hasattr(m, "config")]:
+        original = owner._init_weights
+        if getattr(original, "_moekit_wrapped", False):
+            continue
+
+        def init_weights(module, original=original):
+            if isinstance(module, HFMoEBlock):
+                module.initialize_with(original)
+            elif not any(module is inner for block in model.modules() if isinstance(block, HFMoEBlock)
+                         for inner in block.modules()):
+                original(module)
+
+        init_weights._moekit_wrapped = True
+        owner._init_weights = init_weights
 
 
 def _hook_recorders_if_capture_is_installed(model: nn.Module) -> None:
