@@ -153,7 +153,7 @@ class MoE(nn.Module):
         if self.forced_routing is not None:
             routing = forced(routing, *self.forced_routing(routing))
         path = self.compute_path(x_TD)
-        plan = self.dispatcher.plan(routing, self._capacity(x), path)
+        plan = self.dispatcher.plan(routing, self._capacity(x), path, x_TD)
         if self.dispatcher.fuses(path, plan):  # dispatch, experts and combine in one pass, no (R, D) rows
             y_TD = path.routed(self.experts, x_TD, plan, x.dtype)
         else:

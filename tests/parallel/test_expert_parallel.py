@@ -262,6 +262,52 @@ def test_dead_rank_makes_the_others_fail_with_a_clear_error():
     assert "expert parallel" in message and "rank 0 of 2" in message
 
 
+def _autocast_on_one_rank_worker(rank, world):
+    moe = expert_parallel(MoE(MoEConfig(**BASE)))
+    x = torch.randn(6, BASE["d_model"])
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rank == 1):
+            moe(x)
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def test_ranks_computing_in_different_dtypes_are_named_before_rows_move():
+    messages = expect_ok(run_ranks(_autocast_on_one_rank_worker, deadline_s=20.0, pg_timeout_s=20.0))
+    assert "rank 1 computes in torch.bfloat16, rank 0 in torch.float32" in messages[0]
+    assert "rank 0 computes in torch.float32, rank 1 in torch.bfloat16" in messages[1]
+    assert all("torch.autocast on all ranks or none" in m for m in messages)
+
+
+def _dead_before_a_collective_worker(rank, world, which):
+    import os
+
+    import torch.distributed as dist
+
+    from moekit.parallel.collectives import named_collective
+
+    if rank == 1:
+        os._exit(3)
+    try:
+        with named_collective(which):
+            if which == "barrier":
+                dist.barrier()
+            else:
+                dist.all_reduce(torch.ones(3))
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("which", ["barrier", "all-reduce of gradients"])
+def test_a_peer_dying_before_any_collective_gives_moekits_error(which):
+    reports = run_ranks(_dead_before_a_collective_worker, which, deadline_s=20.0, pg_timeout_s=5.0)
+    status, message = reports[0]
+    assert status == "ok" and message is not None, reports
+    assert message.startswith(f"expert parallel: {which} failed on rank 0 of 2; a peer rank probably exited")
+
+
 def test_count_validation_rejects_inconsistent_counts():
     good_PC = torch.tensor([[2, 1, 3], [0, 0, 0]])
     assert torch.equal(check_received_counts(good_PC, rank=0), good_PC[:, :2])

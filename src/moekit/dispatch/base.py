@@ -2,7 +2,8 @@
 
 A dispatcher turns a routing record into rows grouped by expert and back:
 
-- ``plan(routing, capacity, path) -> plan``: what goes where (``dispatch.plans``),
+- ``plan(routing, capacity, path, x_TD) -> plan``: what goes where (``dispatch.plans``;
+  ``x_TD``, the tokens, for dispatchers that must agree on them with others),
   with capacity applied;
 - ``fuses(path, plan) -> bool``: whether ``path``'s routed form can run this plan
   here, from tokens to combined output with no (R, D) rows (never when the class
@@ -90,7 +91,7 @@ class Dispatcher:
 
     routed_forms: bool = False
 
-    def plan(self, routing, capacity: Capacity, path):
+    def plan(self, routing, capacity: Capacity, path, x_TD: Tensor | None = None):
         raise NotImplementedError
 
     def fuses(self, path, plan) -> bool:

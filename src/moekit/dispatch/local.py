@@ -21,7 +21,7 @@ class LocalDispatcher(Dispatcher):
 
     routed_forms = True
 
-    def plan(self, routing, capacity: Capacity, path):
+    def plan(self, routing, capacity: Capacity, path, x_TD=None):
         # The loop reference plans capacity the plain way, but only a routed form can run from such a plan.
         return make_plan(routing, capacity, reference=path.reference_plan and path.routed is not None)
 

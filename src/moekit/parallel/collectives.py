@@ -13,6 +13,8 @@ L local experts, C = L + 1 (per-expert counts and their total).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,10 +22,23 @@ from torch import Tensor
 
 def collective_failed(what: str, group, err: Exception) -> RuntimeError:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RuntimeError(
         f"expert parallel: {what} failed on rank {rank} of {size}; a peer rank probably exited, "
-        f"crashed or did not reach this step within the process-group timeout ({err})"
+        f"crashed or did not reach this step within the process-group timeout ({detail})"
     )
+
+
+@contextlib.contextmanager
+def named_collective(what: str, group=None):
+    """Turn the backend's error of a collective (a peer died or timed out) into moekit's
+    ``collective_failed`` message, on every collective moekit issues."""
+    try:
+        yield
+    except RuntimeError as err:  # DistBackendError is a RuntimeError
+        if str(err).startswith("expert parallel:"):
+            raise
+        raise collective_failed(what, group, err) from err
 
 
 def all_to_all(out: Tensor, inp: Tensor, recv_splits, send_splits, group, what: str) -> Tensor:
@@ -102,6 +117,25 @@ def check_received_counts(received_PC: Tensor, rank: int) -> Tensor:
             "the ranks disagree on the expert layout (num_experts or group size)"
         )
     return counts_PL
+
+
+# Dtypes ranks may exchange rows in, by code (the codes ride along with the row counts).
+DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_same_dtypes(received_PD: Tensor, codes: list[int], rank: int) -> None:
+    """Every rank must send rows of this rank's dtype and compute in its dtype (autocast on
+    all ranks or none)."""
+    names = ("rows", "computes")
+    def dtype(code):
+        return DTYPE_CODES[code] if 0 <= code < len(DTYPE_CODES) else "another dtype"
+
+    for p, row in enumerate(received_PD.tolist()):
+        for what, theirs, ours in zip(names, row, codes, strict=True):
+            if theirs != ours:
+                raise RuntimeError(
+                    f"expert parallel: rank {p} {what} in {dtype(theirs)}, rank {rank} in {dtype(ours)}; every rank "
+                    "must run the layer in one dtype (the same input dtype, and torch.autocast on all ranks or none)")
 
 
 def check_send_splits(send_splits: list[int], num_rows: int, rank: int) -> None:

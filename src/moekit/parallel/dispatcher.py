@@ -7,7 +7,8 @@ contract (``moekit.dispatch.base``) with an all-to-all between its steps:
 1. plan: the local plan (any kind: token choice sorted by global expert id,
    expert choice, Soft MoE), so the rows are already grouped by destination
    rank; then an integer all-to-all of per-expert row counts, validated (gloo
-   does not check that ranks agree on split sizes);
+   does not check that ranks agree on split sizes), with each rank's row and
+   compute dtypes, which must agree (autocast on every rank or none);
 2. dispatch: gather the rows, send them with ``all_to_all_single`` (uneven
    splits), regroup them from (source rank, expert) to (expert, source rank) order;
 3. the layer runs the local experts on its compute path's rows form;
@@ -36,14 +37,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..compute.ops import permute_rows
+from ..compute.precision import compute_dtype
 from ..dispatch import Capacity, Dispatched, Dispatcher, make_plan
 from ..dispatch.capacity import sort_keys
 from ..routing.losses import LOSS_SUMS, losses_from_sums
 from .collectives import (
+    DTYPE_CODES,
     all_reduce_sum,
     all_to_all,
     all_to_all_rows,
     check_received_counts,
+    check_same_dtypes,
     check_send_splits,
 )
 
@@ -98,19 +102,28 @@ class ExpertParallelDispatcher(Dispatcher):
         # Process groups are shared handles, not copyable state.
         return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses)
 
-    def exchange_counts(self, counts_E: Tensor) -> Tensor:
-        """Integer all-to-all of per-expert row counts: (P, L) received from each rank."""
+    def exchange_counts(self, counts_E: Tensor, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> Tensor:
+        """Integer all-to-all of per-expert row counts: (P, L) received from each rank.
+
+        ``dtypes`` (the rows' dtype, the dtype the experts compute in) ride along and must
+        be every rank's: rows of different dtypes cannot be exchanged (gloo would garble
+        or abort)."""
         P, L = self.ep_size, self.num_local
         counts_PL = counts_E.view(P, L)
-        send_PC = torch.cat([counts_PL, counts_PL.sum(1, keepdim=True)], dim=1).contiguous()
+        codes = [DTYPE_CODES.index(d) if d in DTYPE_CODES else -1 for d in (dtypes or ())]
+        extra = torch.tensor(codes, dtype=counts_PL.dtype, device=counts_PL.device).expand(P, len(codes))
+        send_PC = torch.cat([counts_PL, counts_PL.sum(1, keepdim=True), extra], dim=1).contiguous()
         received_PC = torch.empty_like(send_PC)
         all_to_all(received_PC, send_PC, None, None, self.group, "all-to-all of row counts")
-        return check_received_counts(received_PC, self.ep_rank)
+        if codes:
+            check_same_dtypes(received_PC[:, L + 1:], codes, self.ep_rank)
+        return check_received_counts(received_PC[:, :L + 1], self.ep_rank)
 
-    def plan(self, routing, capacity: Capacity, path) -> ExchangePlan:
+    def plan(self, routing, capacity: Capacity, path, x_TD: Tensor | None = None) -> ExchangePlan:
         P, L = self.ep_size, self.num_local
         local = make_plan(routing, capacity)  # rows must exist to be sent: never a reference plan
-        recv_counts_PL = self.exchange_counts(local.counts_E)
+        dtypes = None if x_TD is None else (x_TD.dtype, compute_dtype(x_TD))
+        recv_counts_PL = self.exchange_counts(local.counts_E, dtypes)
         # NOTE: .tolist() syncs with the device; the splits are host-side arguments of all_to_all_single.
         send_splits = local.counts_E.view(P, L).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()

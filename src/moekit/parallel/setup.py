@@ -37,6 +37,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..layer import MoE, moe_layers
+from .collectives import named_collective
 from .dispatcher import ExpertParallelDispatcher
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -139,7 +140,8 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
         group = dist.group.WORLD
     layers = moe_layers(model)
     fingerprints: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(fingerprints, [(name, config_fingerprint(moe)) for name, moe in layers], group=group)
+    with named_collective("all-gather of the layers' configurations", group):
+        dist.all_gather_object(fingerprints, [(name, config_fingerprint(moe)) for name, moe in layers], group=group)
     check_fingerprints(fingerprints)
     for name, moe in layers:
         check_shardable(name, moe)
@@ -179,7 +181,8 @@ def reduce_expert_gradients(model: nn.Module, mesh: DeviceMesh | None = None) ->
                 # Keep the collectives the same on every rank.
                 param.grad = torch.zeros_like(param)
             if dp_group is not None:
-                dist.all_reduce(param.grad, group=dp_group)
+                with named_collective("all-reduce of expert gradients", dp_group):
+                    dist.all_reduce(param.grad, group=dp_group)
             param.grad.div_(world)
 
 
@@ -193,6 +196,7 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad)
+        with named_collective("all-reduce of gradients"):
+            dist.all_reduce(param.grad)
         param.grad.div_(world)
     reduce_expert_gradients(model, mesh)

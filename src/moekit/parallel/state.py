@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .collectives import named_collective
 from .setup import moe_layers, sharded_layers
 
 
@@ -35,7 +36,8 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         prefix = f"{name}.experts." if name else "experts."
         for key, tensor in moe.experts.state_dict().items():
             pieces = [torch.empty_like(tensor) for _ in range(ep.ep_size)]
-            dist.all_gather(pieces, tensor.detach().contiguous(), group=ep.group)
+            with named_collective("all-gather of expert weights", ep.group):
+                dist.all_gather(pieces, tensor.detach().contiguous(), group=ep.group)
             state[prefix + key] = torch.cat(pieces)
     return state
 
@@ -94,7 +96,8 @@ def full_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
             if local is None or local.shape != param.shape:
                 continue  # AdamW's step count: a scalar, the same for every expert
             pieces = [torch.empty_like(param) for _ in range(ep.ep_size)]
-            dist.all_gather(pieces, optimizer.state[param][key].detach().contiguous(), group=ep.group)
+            with named_collective("all-gather of expert optimizer state", ep.group):
+                dist.all_gather(pieces, optimizer.state[param][key].detach().contiguous(), group=ep.group)
             tensors[name] = torch.cat(pieces).cpu().contiguous()
     return tensors
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .collectives import named_collective
 from .setup import (
     data_parallel,
     expert_parallel,
@@ -56,7 +57,8 @@ class ParallelContext:
         return self.rank == 0
 
     def barrier(self) -> None:
-        dist.barrier()
+        with named_collective("barrier"):
+            dist.barrier()
 
     def share(self, rows_B: Tensor) -> Tensor:
         """This rank's contiguous share of a batch's rows (rank r gets the r-th of world_size slices)."""
@@ -70,19 +72,22 @@ class ParallelContext:
     def mean(self, values: list[float]) -> list[float]:
         """The mean over ranks of each value (one all-reduce)."""
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
+        with named_collective("all-reduce of the losses"):
+            dist.all_reduce(total)
         return (total / self.world_size).tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on one (stop requests must agree, or the ranks desynchronise)."""
         value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        with named_collective("all-reduce of the stop flag"):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
     def check_same(self, what: str, value) -> None:
         """Raise the same ``ValueError`` on every rank when ``value`` differs from rank 0's."""
         values: list = [None] * self.world_size
-        dist.all_gather_object(values, value)
+        with named_collective(f"all-gather of {what}"):
+            dist.all_gather_object(values, value)
         for rank, theirs in enumerate(values[1:], start=1):
             if theirs != values[0]:
                 raise ValueError(f"{what} differs across ranks: rank 0 has {values[0]!r}, rank {rank} has {theirs!r}; "
@@ -153,7 +158,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ParallelContext 
     experts = expert_dispatchers(model)
     replicated_norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in experts])
     expert_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in experts]).square()
-    dist.all_reduce(expert_sq, group=parallel.mesh.get_group("ep"))
+    with named_collective("all-reduce of the gradient norm"):
+        dist.all_reduce(expert_sq, group=parallel.mesh.get_group("ep"))
     total = (replicated_norm.square() + expert_sq).sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
@@ -167,10 +173,11 @@ def reduce_routing_sums(sums_L: list[Tensor], parallel: ParallelContext, sharded
         return sums_L
     packed_LS = torch.stack(sums_L).to(parallel.device)
     loads_LE, rest_LS = packed_LS[:, :-3].clone(), packed_LS[:, -3:].contiguous()
-    dist.all_reduce(rest_LS)
     dp_group = parallel.mesh.get_group("dp") if parallel.mesh["dp"].size() > 1 else None
-    if not sharded:
-        dist.all_reduce(loads_LE)
-    elif dp_group is not None:
-        dist.all_reduce(loads_LE, group=dp_group)
+    with named_collective("all-reduce of the routing statistics"):
+        dist.all_reduce(rest_LS)
+        if not sharded:
+            dist.all_reduce(loads_LE)
+        elif dp_group is not None:
+            dist.all_reduce(loads_LE, group=dp_group)
     return list(torch.cat([loads_LE, rest_LS], dim=1).cpu().unbind(0))
