@@ -56,3 +56,26 @@ def test_the_surgery_script_still_gives_the_recorded_results(tmp_path):
     assert len(mine) == len(theirs)
     drifted = [(a, b) for a, b in zip(mine, theirs, strict=True) if abs(a - b) > 5e-4]
     assert not drifted, f"benchmarks/surgery.py no longer gives docs/figures/surgery.json: {drifted[:5]}"
+
+
+def _demo_sentence(figures: dict) -> str:
+    return (f"MoE {figures['moe_val_loss']:.4f} against dense {figures['dense_val_loss']:.4f}, MoE reaching "
+            f"dense's final loss at step {figures['moe_steps_to_dense_loss']}")
+
+
+def test_docs_lm_quotes_the_recorded_demo():
+    figures = json.loads((ROOT / "docs" / "figures" / "demo.json").read_text())
+    quoted = re.search(r"<!-- figures: demo seed0 -->(.*?)<!-- /figures -->", (ROOT / "docs" / "lm.md").read_text(),
+                       re.S).group(1)
+    assert " ".join(quoted.split()) == _demo_sentence(figures)
+
+
+@pytest.mark.slow
+def test_the_demo_still_gives_the_recorded_figures(tmp_path):
+    subprocess.run([sys.executable, "-m", "moekit", "demo", "--threads", "1", "--out", str(tmp_path / "demo")],
+                   check=True, capture_output=True, cwd=ROOT)
+    fresh = json.loads((tmp_path / "demo" / "demo.json").read_text())["comparisons"][0]
+    recorded = json.loads((ROOT / "docs" / "figures" / "demo.json").read_text())
+    for key in ("moe_val_loss", "dense_val_loss"):
+        assert abs(fresh[key] - recorded[key]) < 5e-4, (key, fresh[key], recorded[key])
+    assert fresh["moe_steps_to_dense_loss"] == recorded["moe_steps_to_dense_loss"]
