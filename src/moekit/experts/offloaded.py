@@ -21,7 +21,6 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
@@ -249,7 +248,6 @@ class OffloadedExperts(Experts):
                              "compute_misses_in_place needs a MemoryStore")
         self.compute_misses_in_place = compute_misses_in_place
         self.in_place_computes = 0
-        self.on_use: Callable[[int], None] | None = None
 
     def _weights(self, e: int) -> dict[str, Tensor]:
         if self.compute_misses_in_place and not self.cache.is_resident(e):
