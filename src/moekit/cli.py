@@ -124,8 +124,9 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
                    "read from the checkpoint file as needed (default: load every weight)")
     g.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru",
                    help="which cached expert a miss replaces (default: %(default)s)")
-    g.add_argument("--no-prefetch", action="store_true",
-                   help="do not load the next layer's likely experts ahead of use")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False,
+                   help="load the next layer's likely experts ahead of use on a background thread; off by default: "
+                   "on CPU a miss costs one memory copy and wrong guesses evict useful experts (BENCHMARKS.md)")
 
 
 def _sizes(text: str) -> list[int]:

@@ -53,7 +53,8 @@ def test_generate_with_max_memory_gives_the_resident_text_and_a_trace_for_cache_
     resident, _ = _generate(capsys, str(run))
     budget = str(process_rss_bytes() + (96 << 20))  # this test process is already large: its memory counts
     trace = tmp_path / "trace.json"
-    offloaded, err = _generate(capsys, str(run), "--max-memory", budget, "--cache-policy", "lfu", "--trace", str(trace))
+    offloaded, err = _generate(capsys, str(run), "--max-memory", budget, "--cache-policy", "lfu", "--trace", str(trace),
+                               "--prefetch")
     assert offloaded == resident
     assert "offloading: 4 of 4 experts cached per layer" in err and "cache_hit_rate" in err
     assert main(["cache-sim", str(trace), "--sizes", "1,2,4"]) == 0

@@ -183,7 +183,7 @@ def load_model_for_inference(args):
     if (Path(args.run_dir) / QUANTIZATION_FILE).exists():
         raise CLIError(f"{args.run_dir!r} holds quantized experts; --max-memory offloads float experts only")
     model, tokenizer, state, offloaded, plan = load_offloaded_run(
-        args.run_dir, args.max_memory, policy=args.cache_policy, prefetch=not args.no_prefetch)
+        args.run_dir, args.max_memory, policy=args.cache_policy, prefetch=args.prefetch)
     print(plan.describe(), file=sys.stderr)
     return model, tokenizer, state, offloaded
 

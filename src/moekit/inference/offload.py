@@ -171,15 +171,17 @@ def _prefetch_hook(next_layer: MoE):
 
 @torch.no_grad()
 def offload_model(model: nn.Module, *, experts_per_layer: int | None = None, max_memory: int | str | None = None,
-                  policy: str = "lru", prefetch: bool = True, store: str | Path = "memory",
+                  policy: str = "lru", prefetch: bool | None = None, store: str | Path = "memory",
                   compute_misses_in_place: bool = False, device: torch.device | str | None = None) -> Offloaded:
     """Offload the stacked experts of every MoE layer of ``model`` (in place).
 
     Give the cache size either as ``experts_per_layer`` or as a ``max_memory`` budget
     for all weights (``cache_plan``). ``store``: ``"memory"`` (CPU memory) or the path of
     a safetensors file holding the layers' stacked tensors under their state-dict names.
-    ``device``: the fast tier (default: where the experts are). Returns an ``Offloaded``
-    with the caches' statistics; ``close()`` removes the prefetch hooks."""
+    ``device``: the fast tier (default: where the experts are). ``prefetch`` (default: on
+    for a CUDA fast tier only; on CPU a miss is one memory copy on the cores that compute,
+    and wrong guesses evict useful experts: BENCHMARKS.md). Returns an ``Offloaded`` with
+    the caches' statistics; ``close()`` removes the prefetch hooks."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layer to offload")
@@ -196,6 +198,9 @@ def offload_model(model: nn.Module, *, experts_per_layer: int | None = None, max
     if experts_per_layer < 1:
         raise ValueError(f"experts_per_layer must be at least 1 (a cache smaller than one expert); "
                          f"got {experts_per_layer}")
+    if prefetch is None:
+        fast = torch.device(device) if device is not None else next(iter(stacked.values())).w_in.device
+        prefetch = fast.type == "cuda"
     def make_store(name: str, experts) -> ExpertStore:
         if str(store) == "memory":
             return MemoryStore({w: getattr(experts, w) for w in _weight_names(experts)})
@@ -233,7 +238,7 @@ def _offload_layers(layers: list[tuple[str, MoE]], make_store, experts_per_layer
 
 
 def load_offloaded_run(run_dir: str | Path, max_memory: int | str | None = None, *, experts_per_layer: int | None = None,
-                       policy: str = "lru", prefetch: bool = True):
+                       policy: str = "lru", prefetch: bool = False):
     """A moekit run's language model with its experts read from its checkpoint file on
     demand: the experts are never all in memory. The cache size comes from ``max_memory``
     (the whole process's budget: ``cache_plan`` counts its memory so far and room for
