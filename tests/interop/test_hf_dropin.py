@@ -139,3 +139,19 @@ def test_init_weights_after_the_meta_device_initialises_the_converted_blocks_as_
     for block in (m for m in model.modules() if isinstance(m, HFMoEBlock)):
         assert abs(float(block.moe.experts.w_in.std()) - std) < 0.25 * std
         assert abs(float(block.moe.router.weight.std()) - std) < 0.5 * std
+
+
+def test_a_converted_model_deep_copies_and_pickles_like_the_original(tmp_path):
+    model = convert_model(_model("mixtral"))
+    torch.save(model, tmp_path / "model.pt")  # before a forward, as transformers' own models pickle
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert torch.equal(loaded(ids).logits, reference)
+    twin = copy.deepcopy(model)
+    out = twin(ids, labels=ids, output_router_logits=True)
+    assert torch.equal(out.logits, reference) and len(out.router_logits) == 2
+    twin.init_weights()  # the copy's init reaches the copy's blocks, not the original's
+    assert not torch.equal(twin(ids).logits, reference)
+    assert torch.equal(model(ids).logits, reference)

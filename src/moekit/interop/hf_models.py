@@ -125,8 +125,12 @@ def _recorder_for(router_class: type) -> nn.Module:
         def forward(self, logits_TE):
             return logits_TE, logits_TE, logits_TE  # the logits at every index a recorder may read
 
+        def __reduce__(self):
+            # A class made here cannot be found by name: pickle and deepcopy rebuild it from the router class.
+            return _recorder_for, (router_class,), self.__dict__
+
         recorder = type(router_class.__name__, (router_class,), {"__init__": __init__, "forward": forward,
-                                                                 "__module__": __name__})
+                                                                 "__reduce__": __reduce__, "__module__": __name__})
         _RECORDERS[router_class] = recorder
     return recorder()
 
@@ -140,17 +144,19 @@ def _router_class(block: nn.Module) -> type | None:
 
 def _install_padding_mask_hook(model: nn.Module) -> None:
     """Hand the model's ``attention_mask`` (1 = real token) to its converted blocks each forward."""
-    if getattr(model, "_moekit_padding_hook", None) is not None:
+    if getattr(model, "_moekit_padding_hook_installed", False):
         return
+    model.register_forward_pre_hook(_pass_padding_mask, with_kwargs=True)
+    model._moekit_padding_hook_installed = True
 
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        for block in module.modules():
-            if isinstance(block, HFMoEBlock):
-                block.padding_mask = mask
 
-    model._moekit_padding_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+def _pass_padding_mask(module: nn.Module, args, kwargs) -> None:
+    # A module-level function, so that the model still pickles (torch.save) and deep-copies.
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    for block in module.modules():
+        if isinstance(block, HFMoEBlock):
+            block.padding_mask = mask
 
 
 def _replace_modules(model: nn.Module, match, build) -> int:
@@ -190,19 +196,23 @@ def _initialize_blocks_as_transformers_does(model: nn.Module) -> None:
     rebuilt in transformers' layout, initialised by the model's own ``_init_weights``, and
     copied back. The moekit modules inside a block are left to that."""
     for owner in [m for m in model.modules() if hasattr(type(m), "_init_weights") and hasattr(m, "config")]:
-        original = owner._init_weights
-        if getattr(original, "_moekit_wrapped", False):
-            continue
+        if not isinstance(owner.__dict__.get("_init_weights"), _InitWeightsWithBlocks):
+            owner._init_weights = _InitWeightsWithBlocks(model, owner._init_weights)
 
-        def init_weights(module, original=original):
-            if isinstance(module, HFMoEBlock):
-                module.initialize_with(original)
-            elif not any(module is inner for block in model.modules() if isinstance(block, HFMoEBlock)
-                         for inner in block.modules()):
-                original(module)
 
-        init_weights._moekit_wrapped = True
-        owner._init_weights = init_weights
+class _InitWeightsWithBlocks:
+    """``_init_weights`` of a model holding converted blocks (an object, not a closure, so the
+    model pickles and deep-copies with it)."""
+
+    def __init__(self, root: nn.Module, original):
+        self.root, self.original = root, original
+
+    def __call__(self, module: nn.Module) -> None:
+        if isinstance(module, HFMoEBlock):
+            module.initialize_with(self.original)
+        elif not any(module is inner for block in self.root.modules() if isinstance(block, HFMoEBlock)
+                     for inner in block.modules()):
+            self.original(module)
 
 
 def _hook_recorders_if_capture_is_installed(model: nn.Module) -> None:
