@@ -89,3 +89,17 @@ def test_inference_options_are_in_the_help(command, words, capsys):
         main([*command, "--help"])
     text = capsys.readouterr().out
     assert all(word in text for word in words)
+
+
+def test_an_error_during_generation_starts_on_its_own_line(run, capsys, monkeypatch):
+    from moekit.models.lm import LanguageModel
+
+    def failing(self, idx, *args, **kwargs):
+        yield idx[:, -1:]
+        raise ValueError("the model broke")
+
+    monkeypatch.setattr(LanguageModel, "generate", failing)
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "4", "--ignore-eot"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def ") and captured.out.endswith("\n")
+    assert "moekit generate: error: the model broke" in captured.err
