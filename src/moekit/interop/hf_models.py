@@ -70,13 +70,11 @@ class HFMoEBlock(nn.Module):
         return out.y
 
     def _mask_for(self, hidden_states: Tensor) -> Tensor | None:
-        mask = self.padding_mask
-        if mask is None or hidden_states.dim() != 3 or mask.dim() != 2 or mask.shape[0] != hidden_states.shape[0]:
+        mask = self.padding_mask  # None when the model's mask has no padding (checked once per forward)
+        if mask is None or hidden_states.dim() != 3 or mask.shape[0] != hidden_states.shape[0]:
             return None
         mask = mask[:, -hidden_states.shape[1]:].to(device=hidden_states.device, dtype=torch.bool)
-        if mask.shape[1] != hidden_states.shape[1] or bool(mask.all()):
-            return None
-        return mask
+        return mask if mask.shape[1] == hidden_states.shape[1] else None
 
 
 def _state_dict_in_hf_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -154,6 +152,8 @@ def _pass_padding_mask(module: nn.Module, args, kwargs) -> None:
     # A module-level function, so that the model still pickles (torch.save) and deep-copies.
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    if mask is not None and bool(mask.all()):  # NOTE: syncs with the device, once per forward, not per layer
+        mask = None
     for block in module.modules():
         if isinstance(block, HFMoEBlock):
             block.padding_mask = mask
