@@ -39,6 +39,7 @@ def test_quantize_writes_a_run_that_eval_and_generate_load(run, tmp_path, capsys
         counts = report["coverage"]["tokens_per_expert"]
         assert set(counts) == {"blocks.0.ffn", "blocks.1.ffn"} and sum(counts["blocks.0.ffn"]) == 2 * 4 * 32 * 2
         assert report["model_mib_quantized"] < report["model_mib_float"]
+        assert (out / "checkpoints" / "step-000004" / "checksums.json").exists()
         assert "expert coverage" in capsys.readouterr().err
         assert main(["eval", str(out), "--batches", "2", "--batch-size", "4"]) == 0
         result = json.loads(capsys.readouterr().out)
@@ -103,3 +104,17 @@ def test_an_error_during_generation_starts_on_its_own_line(run, capsys, monkeypa
     captured = capsys.readouterr()
     assert captured.out.startswith("def ") and captured.out.endswith("\n")
     assert "moekit generate: error: the model broke" in captured.err
+
+
+def test_a_changed_checkpoint_is_refused_when_offloading_too(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "checkpoints" / "step-000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    budget = str(process_rss_bytes() + (96 << 20))
+    assert main(["generate", str(copy), "--max-memory", budget, "--max-new-tokens", "2"]) == 2
+    assert "model.safetensors' has changed since its checkpoint was written" in capsys.readouterr().err

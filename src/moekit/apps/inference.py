@@ -51,7 +51,7 @@ def cmd_quantize(args) -> int:
     from ..data.dataset import encode_documents
     from ..inference import expert_coverage, quantize_model
     from ..train import evaluate, read_run_config
-    from ..train.checkpoint import atomic_write, atomic_write_text
+    from ..train.checkpoint import atomic_write, atomic_write_text, write_checksums
 
     run = Path(args.run_dir)
     out = Path(args.out or f"{str(run).rstrip('/')}-int{args.bits}")
@@ -82,6 +82,7 @@ def cmd_quantize(args) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
     atomic_write_text(folder / "trainer_state.json", json.dumps({"step": state["step"], "quantized_from": str(run)}))
+    write_checksums(folder, ("model.safetensors", "trainer_state.json"))
     atomic_write_text(out / QUANTIZATION_FILE, json.dumps(options))
     report = {"run": str(out), "from": str(run), **options, "val_loss_float": float_loss,
               "val_loss_quantized": quantized_loss, "loss_change": quantized_loss / float_loss - 1,

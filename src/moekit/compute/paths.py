@@ -145,7 +145,8 @@ def rows_by_the_experts(experts: nn.Module, x_RD: Tensor, counts_E: Tensor) -> T
 def loop_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
     """Reference: for each expert, find its kept assignments, run it on their tokens, add
     weight · output to each token."""
-    y_TD = _connected_zeros(x_TD, plan)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=plan.weights_TK.dtype)
+    ran = False
     for e in range(experts.num_experts):
         chosen_TK = plan.indices_TK == e
         if plan.kept_TK is not None:
@@ -155,16 +156,16 @@ def loop_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) 
             continue
         out_ND = experts.forward_expert(e, x_TD[tokens])
         y_TD = y_TD.index_add(0, tokens, plan.weights_TK[tokens, slots, None] * out_ND.to(y_TD.dtype))
-    return y_TD.to(out_dtype)
+        ran = True
+    return (y_TD if ran else _connected(y_TD, x_TD, plan)).to(out_dtype)
 
 
-def _connected_zeros(x_TD: Tensor, plan) -> Tensor:
-    """Zeros of y's shape inside the autograd graph of x and the gate weights, so that a call
-    whose tokens reach no expert (all padding) still backpropagates, as the other paths do."""
-    zeros = x_TD.new_zeros(x_TD.shape, dtype=plan.weights_TK.dtype)
+def _connected(zeros_TD: Tensor, x_TD: Tensor, plan) -> Tensor:
+    """The zero output of a call whose tokens reached no expert (all padding), tied into the
+    autograd graph of x and the gate weights so that it backpropagates as the other paths do."""
     if torch.is_grad_enabled() and (x_TD.requires_grad or plan.weights_TK.requires_grad):
-        zeros = zeros + 0 * (x_TD.sum() + plan.weights_TK.sum()).to(zeros.dtype)
-    return zeros
+        zeros_TD = zeros_TD + 0 * (x_TD.sum() + plan.weights_TK.sum()).to(zeros_TD.dtype)
+    return zeros_TD
 
 
 def small_batch_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
@@ -186,7 +187,9 @@ def small_batch_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.
         if keep_flat is None or keep_flat[assignment]:
             by_expert.setdefault(e, []).append(assignment)
     weights_A = weights_TK.reshape(-1)
-    y_TD = _connected_zeros(x_TD, plan)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=weights_TK.dtype)
+    if not by_expert:
+        return _connected(y_TD, x_TD, plan).to(out_dtype)
     for e, assignments in by_expert.items():
         a_N = torch.tensor(assignments, device=x_TD.device)
         tokens_N = a_N // K

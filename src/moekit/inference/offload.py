@@ -9,7 +9,8 @@ With ``prefetch``, each MoE layer, before computing, applies the next MoE layer'
 router weights to its own input and starts loading the experts that router would
 pick; a wrong guess costs a load, never a wrong output.
 
-``cache_plan(model, max_memory)`` splits a budget: the non-expert weights stay
+``cache_plan(resident_bytes, expert_size, layers, num_experts, max_memory)`` splits a
+budget: the non-expert weights (and, for a whole process, its own memory) stay
 resident, the rest is divided equally among the layers' caches.
 """
 
@@ -201,6 +202,7 @@ def offload_model(model: nn.Module, *, experts_per_layer: int | None = None, max
     if prefetch is None:
         fast = torch.device(device) if device is not None else next(iter(stacked.values())).w_in.device
         prefetch = fast.type == "cuda"
+
     def make_store(name: str, experts) -> ExpertStore:
         if str(store) == "memory":
             return MemoryStore({w: getattr(experts, w) for w in _weight_names(experts)})
@@ -247,7 +249,7 @@ def load_offloaded_run(run_dir: str | Path, max_memory: int | str | None = None,
     from ..data import load_tokenizer
     from ..models.lm import LanguageModel, rotary_tables
     from ..train import latest_checkpoint, read_run_config
-    from ..train.checkpoint import load_model_tensors
+    from ..train.checkpoint import check_trainer_state, load_model_tensors, verify_checksums
 
     model_config, _, _ = read_run_config(Path(run_dir))
     folder = latest_checkpoint(Path(run_dir))
@@ -255,6 +257,7 @@ def load_offloaded_run(run_dir: str | Path, max_memory: int | str | None = None,
         raise ValueError(f"{str(run_dir)!r} has no checkpoint yet; train it first")
     if model_config.moe is None:
         raise ValueError(f"{str(run_dir)!r} is a dense model: it has no experts to offload")
+    verify_checksums(folder)  # the experts are read from this file for as long as the model runs
     file = folder / "model.safetensors"
     with torch.device("meta"):
         model = LanguageModel(model_config)
@@ -284,5 +287,10 @@ def load_offloaded_run(run_dir: str | Path, max_memory: int | str | None = None,
     model.rotary_cos.copy_(cos)
     model.rotary_sin.copy_(sin)
     model.eval()
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(state_file)!r} is not valid JSON ({error})") from None
+    check_trainer_state(state, state_file, resuming=False)
     return model, load_tokenizer(Path(run_dir) / "tokenizer.json"), state, offloaded, plan

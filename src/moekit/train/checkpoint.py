@@ -156,9 +156,7 @@ def write_checkpoint(
     atomic_write(folder / "optimizer.safetensors", lambda tmp: save_file(optimizer_state, str(tmp)))
     state = dict(trainer_state, step=step, optimizer_param_groups=optimizer_param_groups, rng=rng_state_to_json())
     atomic_write_text(folder / "trainer_state.json", json.dumps(state, indent=1))
-    checksums = {name: file_sha256(folder / name)
-                 for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json")}
-    atomic_write_text(folder / CHECKSUMS_FILE, json.dumps(checksums, indent=1))
+    write_checksums(folder, ("model.safetensors", "optimizer.safetensors", "trainer_state.json"))
     atomic_write_text(root / "latest.json", json.dumps({"step": step, "folder": folder.name}))
     older = sorted(p for p in root.glob("step-*") if p.is_dir() and p != folder)
     for stale in older[: max(len(older) - (keep - 1), 0)]:
@@ -172,6 +170,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_checksums(folder: Path, names) -> None:
+    """Record the SHA-256 of each named file of a step folder (checked by ``verify_checksums``)."""
+    checksums = {name: file_sha256(Path(folder) / name) for name in names}
+    atomic_write_text(Path(folder) / CHECKSUMS_FILE, json.dumps(checksums, indent=1))
 
 
 def remove_stale_temporary_files(root: Path) -> list[Path]:
@@ -411,9 +415,12 @@ def load_model_tensors(path: Path, skip: Callable[[str], bool] = lambda key: Fal
     with each tied alias recorded in its metadata mapped to its tensor."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys() if not skip(key)}
-        aliases = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys() if not skip(key)}
+            aliases = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{str(path)!r} cannot be read as safetensors ({error}); it may have been cut off") from None
     for alias, original in aliases.items():
         if original in tensors:
             tensors[alias] = tensors[original]
