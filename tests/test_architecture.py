@@ -129,7 +129,7 @@ FLOORS = [
     {"layer"},
     {"freezing", "models", "parallel"},
     {"train", "interop"},
-    {"analysis", "inference"},
+    {"analysis", "inference", "finetune"},
     {"apps"},
     {"cli"},
     {"__init__", "__main__"},

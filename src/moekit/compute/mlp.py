@@ -13,14 +13,22 @@ here runs such an ``mlp`` on rows grouped by expert (``counts_E[e]`` rows each):
 - ``triton_rows``: the Triton grouped GEMMs, optionally gathering input rows and
   scattering output rows inside the kernel.
 
+An ``mlp`` may also carry low-rank adapters on either projection (LoRA experts):
+``low_rank_in`` and ``low_rank_out``, each None or a ``LowRank`` (A (E, r, in), B (E,
+out, r), scale), adding scale·B_e(A_e·x) to the projection. Every function here adds
+them, with two grouped GEMMs per projection where ``grouped_mm`` can run them
+(``low_rank_rows``).
+
 Shapes: T tokens (or source rows), K experts per token, R routed rows, D model dim,
-H first projection width, F expert hidden dim, E experts.
+H first projection width, F expert hidden dim, E experts, r adapter rank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import NamedTuple
+
 from torch import Tensor
 
 from . import switches
@@ -76,12 +84,64 @@ def linear(x_ND: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x_ND, weight, bias)
 
 
+class LowRank(NamedTuple):
+    """A low-rank update of one stacked projection: ``scale · B_e (A_e x)``."""
+
+    A: Tensor  # (E, r, in)
+    B: Tensor  # (E, out, r)
+    scale: float
+
+
+def low_rank_pair(mlp) -> tuple[LowRank | None, LowRank | None]:
+    """The adapters of ``mlp``'s first and second projections (None where it has none)."""
+    return getattr(mlp, "low_rank_in", None), getattr(mlp, "low_rank_out", None)
+
+
+def low_rank_expert(x_ND: Tensor, delta: LowRank, e: int) -> Tensor:
+    """Expert e's update on its rows: the readable reference."""
+    return linear(linear(x_ND, delta.A[e].to(x_ND.dtype)), delta.B[e].to(x_ND.dtype)) * delta.scale
+
+
+def _grouped_mm_fits(dtype: torch.dtype, *widths: int) -> bool:
+    return dtype in GROUPED_MM_DTYPES and all((n * dtype.itemsize) % _GROUPED_MM_ALIGN_BYTES == 0 for n in widths)
+
+
+def low_rank_rows(x_RD: Tensor, delta: LowRank, counts_E: Tensor, offsets_E: Tensor | None = None) -> Tensor:
+    """Every expert's update on its rows (grouped by expert): two ``grouped_mm`` over all
+    experts where the dtype and widths allow, else one expert at a time."""
+    A, B = autocast_operands(x_RD.device.type, delta.A, delta.B)
+    x_RD = x_RD.to(A.dtype)
+    (E, r, width_in), width_out = A.shape, B.shape[1]
+    if _grouped_mm_fits(x_RD.dtype, width_in, width_out):
+        # grouped_mm needs 16-byte rows: zero rank-columns pad r and add nothing.
+        multiple = _GROUPED_MM_ALIGN_BYTES // x_RD.dtype.itemsize
+        pad = -r % multiple
+        if pad:
+            A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32) if offsets_E is None else offsets_E
+        u_Rr = F.grouped_mm(x_RD, A.transpose(-2, -1), offs=offsets_E)
+        return F.grouped_mm(u_Rr, B.transpose(-2, -1), offs=offsets_E) * delta.scale
+    counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
+    pieces = [low_rank_expert(x_ND, LowRank(A, B, delta.scale), e)
+              for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0]
+    if not pieces:
+        return x_RD.new_zeros(0, width_out)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
 def expert_mlp(mlp, e: int, x_ND: Tensor) -> Tensor:
     """Expert e of ``mlp`` on its rows, with torch's own layers: the readable reference."""
     b_in = None if mlp.b_in is None else mlp.b_in[e]
     b_out = None if mlp.b_out is None else mlp.b_out[e]
+    delta_in, delta_out = low_rank_pair(mlp)
     h = linear(x_ND, mlp.w_in[e], b_in)
-    return linear(hidden_activation(h, mlp.activation, mlp.is_glu), mlp.w_out[e], b_out)
+    if delta_in is not None:
+        h = h + low_rank_expert(x_ND, delta_in, e)
+    a = hidden_activation(h, mlp.activation, mlp.is_glu)
+    y = linear(a, mlp.w_out[e], b_out)
+    if delta_out is not None:
+        y = y + low_rank_expert(a, delta_out, e)
+    return y
 
 
 def segment_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
@@ -132,13 +192,19 @@ def grouped_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
     offsets_E = counts_E.cumsum(0, dtype=torch.int32)
     x_RD, w_in, w_out = autocast_operands(x_RD.device.type, x_RD, mlp.w_in, mlp.w_out)
     R = x_RD.shape[0]
+    delta_in, delta_out = low_rank_pair(mlp)
     # h's gradient comes from the activation's backward, which is always contiguous.
     h_RH = F.grouped_mm(x_RD, w_in.transpose(-2, -1), offs=offsets_E)
+    if delta_in is not None:
+        h_RH = h_RH + low_rank_rows(x_RD, delta_in, counts_E, offsets_E)
     if mlp.b_in is not None:
         h_RH = h_RH + mlp.b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
     a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
+    y_RD = F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E)
+    if delta_out is not None:
+        y_RD = y_RD + low_rank_rows(a_RF, delta_out, counts_E, offsets_E)
     # Callers may hand back any gradient, expanded ones included.
-    y_RD = contiguous_grad(F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E))
+    y_RD = contiguous_grad(y_RD)
     if mlp.b_out is not None:
         y_RD = y_RD + mlp.b_out.to(y_RD.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
     return y_RD
@@ -146,11 +212,23 @@ def grouped_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
 
 def routed_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
     """Σ_k weights_TK·E_e(x_t) over the routed assignments ``order_R`` (t·K + k, sorted by
-    expert), one expert at a time from host-side counts; (T, D) in the weights' dtype."""
+    expert), one expert at a time from host-side counts; (T, D) in the weights' dtype.
+    Experts with low-rank adapters gather their rows and run their own rows form."""
+    if any(delta is not None for delta in low_rank_pair(mlp)):
+        return _routed_by_rows(mlp, x_TD, weights_TK, order_R, counts_E)
     x_TD, w_in, b_in, w_out, b_out = autocast_operands(x_TD.device.type, x_TD, mlp.w_in, mlp.b_in, mlp.w_out,
                                                        mlp.b_out)
     counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
     return routed_mlp(x_TD, weights_TK, w_in, b_in, w_out, b_out, order_R, counts, mlp.activation, mlp.is_glu)
+
+
+def _routed_by_rows(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
+    K = weights_TK.shape[1]
+    tokens_R = order_R // K
+    y_RD = mlp(x_TD.index_select(0, tokens_R), counts_E)
+    weights_R1 = weights_TK.reshape(-1)[order_R, None]
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=weights_TK.dtype)
+    return y_TD.index_add(0, tokens_R, weights_R1 * y_RD.to(weights_TK.dtype))
 
 
 def routed_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
@@ -190,11 +268,18 @@ def triton_rows(mlp, x_SD: Tensor, counts_E: Tensor, order_R: Tensor | None = No
         x_SD, w_in, w_out = x_SD.to(cast), w_in.to(cast), w_out.to(cast)
     R = x_SD.shape[0] if order_R is None else order_R.shape[0]
     num_out = R if num_out is None else num_out
+    delta_in, delta_out = low_rank_pair(mlp)
     h_RH = gather_grouped_mm(x_SD, w_in, order_R, counts_E, top_k)
+    if delta_in is not None:
+        rows_RD = x_SD if order_R is None else x_SD.index_select(0, order_R // top_k)
+        h_RH = h_RH + low_rank_rows(rows_RD.to(h_RH.dtype), delta_in, counts_E)
     if mlp.b_in is not None:
         h_RH = h_RH + mlp.b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
     a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
     y_AD = grouped_mm_scatter(a_RF, w_out, order_R, counts_E, num_out)
+    if delta_out is not None:
+        d_RD = low_rank_rows(a_RF, delta_out, counts_E).to(y_AD.dtype)
+        y_AD = y_AD + d_RD if order_R is None else y_AD.index_add(0, order_R, d_RD)
     if mlp.b_out is not None:
         b_out_RD = mlp.b_out.to(y_AD.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
         # Only routed rows get the bias: dropped and padded assignments stay zero.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Experts
+from .lora import LoRAExperts
 from .modules import ModuleExperts
 from .shared import SharedExperts
 from .stacked import KINDS, StackedExperts
@@ -38,5 +39,5 @@ def build_experts(config) -> Experts:
     return experts
 
 
-__all__ = ["EXPERTS", "Experts", "ModuleExperts", "SharedExperts", "StackedExperts", "build_experts",
+__all__ = ["EXPERTS", "Experts", "LoRAExperts", "ModuleExperts", "SharedExperts", "StackedExperts", "build_experts",
            "register_experts"]

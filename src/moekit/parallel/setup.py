@@ -177,6 +177,8 @@ def reduce_expert_gradients(model: nn.Module, mesh: DeviceMesh | None = None) ->
     dp_group = None if mesh is None or mesh["dp"].size() == 1 else mesh.get_group("dp")
     for _, moe in sharded_layers(model):
         for param in moe.experts.parameters():
+            if not param.requires_grad:  # frozen base experts under LoRA: nothing to reduce
+                continue
             if param.grad is None:
                 # Keep the collectives the same on every rank.
                 param.grad = torch.zeros_like(param)
@@ -192,7 +194,7 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
     expert_names = set(expert_parameter_names(model))
     world = dist.get_world_size()
     for name, param in model.named_parameters():
-        if name in expert_names:
+        if name in expert_names or not param.requires_grad:  # frozen (fine-tuning): no gradient to average
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
