@@ -25,10 +25,10 @@ H first projection width, F expert hidden dim, E experts, r adapter rank.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import switches
@@ -111,7 +111,8 @@ def low_rank_rows(x_RD: Tensor, delta: LowRank, counts_E: Tensor, offsets_E: Ten
     experts where the dtype and widths allow, else one expert at a time."""
     A, B = autocast_operands(x_RD.device.type, delta.A, delta.B)
     x_RD = x_RD.to(A.dtype)
-    (E, r, width_in), width_out = A.shape, B.shape[1]
+    _, r, width_in = A.shape
+    width_out = B.shape[1]
     if _grouped_mm_fits(x_RD.dtype, width_in, width_out):
         # grouped_mm needs 16-byte rows: zero rank-columns pad r and add nothing.
         multiple = _GROUPED_MM_ALIGN_BYTES // x_RD.dtype.itemsize
