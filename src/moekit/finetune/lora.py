@@ -83,7 +83,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weights and put the plain experts back, in place."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRAExperts):
                 setattr(module, child_name, child.merged_experts())
