@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..experts.lora import LoRAExperts
 from ..layer import MoE
 from .hf import FAMILIES, _block_config, from_hf_block, to_hf_block
 
@@ -80,7 +81,8 @@ class HFMoEBlock(nn.Module):
 def _state_dict_in_hf_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata) -> None:
     if not hasattr(module.moe.experts, "w_in"):
         return  # experts that transformers' block cannot hold (quantized, offloaded) keep moekit's layout
-    moekit_keys = [k for k in state_dict if k.startswith(prefix + "moe.")]
+    # LoRA adapters have no place in transformers' block: they keep moekit's names.
+    moekit_keys = [k for k in state_dict if k.startswith(prefix + "moe.") and not _is_adapter(k)]
     if not moekit_keys:
         return
     with torch.no_grad():
@@ -93,7 +95,7 @@ def _state_dict_in_hf_layout(module: HFMoEBlock, state_dict: dict, prefix: str, 
 
 def _load_either_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata, strict: bool,
                         missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    own = [k for k in state_dict if k.startswith(prefix)]
+    own = [k for k in state_dict if k.startswith(prefix) and not _is_adapter(k)]
     if not own or any(k.startswith(prefix + "moe.") for k in own) or not hasattr(module.moe.experts, "w_in"):
         return  # moekit's own layout: nothing to convert
     with torch.no_grad():
@@ -105,8 +107,15 @@ def _load_either_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local
                               f"{result.missing_keys}, unexpected {result.unexpected_keys}")
             return
         converted = from_hf_block(block, module.hf_config)
+    wrapped = isinstance(module.moe.experts, LoRAExperts)
     for key, value in converted.state_dict().items():
+        if wrapped and key.startswith("experts."):
+            key = "experts.base." + key[len("experts."):]
         state_dict[prefix + "moe." + key] = value
+
+
+def _is_adapter(key: str) -> bool:
+    return ".lora_" in key
 
 
 _RECORDERS: dict[type, type] = {}

@@ -1,0 +1,181 @@
+"""Adapters of converted Hugging Face models in the ``peft`` library's format, both ways.
+
+``save_peft_adapter(model, folder)`` writes the LoRA adapters of a converted
+transformers model (``convert_model`` then ``add_lora``) as ``peft`` writes them for
+the original model: ``adapter_config.json`` with ``target_parameters`` naming the
+stacked expert weights (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) and
+``adapter_model.safetensors``. ``peft.PeftModel.from_pretrained(original, folder)``
+then computes what the adapted moekit model computes. ``load_peft_adapter(model,
+folder)`` reads such a folder (written by moekit or by ``peft``) onto a converted model.
+
+peft's layout for a stacked weight (E, out, in) at rank r: ``lora_A.weight`` is (r·E,
+in) with expert e's rows at e·r … e·r + r − 1, ``lora_B.weight`` is (out, r·E) with
+expert e's rank-i column at i·E + e; the update is (alpha / r)·B_e·A_e. When both
+weights of one experts module are adapted, peft nests its wrappers: the first name of
+``target_parameters`` is the inner one, whose tensors sit under ``base_layer.``.
+
+Shapes: E experts, r rank, D model dim, F expert hidden dim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..experts.lora import LoRAExperts
+from .lora import add_lora
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# moekit projection → the transformers stacked weight it adapts.
+HF_WEIGHTS = {"in": "gate_up_proj", "out": "down_proj"}
+_UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
+                        "alpha_pattern", "layers_to_transform", "trainable_token_indices")
+
+
+def _converted_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from ..interop.hf_models import HFMoEBlock
+
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} holds no converted Hugging Face MoE block; PEFT adapters are "
+                         "written for converted transformers models (moekit.interop.hf.convert_model)")
+    return blocks
+
+
+def _peft_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """moekit's A (E, r, in), B (E, out, r) → peft's lora_A (r·E, in), lora_B (out, r·E)."""
+    E, r, width_in = A.shape
+    return A.reshape(E * r, width_in), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
+
+
+def _moekit_factors(lora_A: Tensor, lora_B: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """peft's lora_A (r·E, in), lora_B (out, r·E) → moekit's A (E, r, in), B (E, out, r)."""
+    E = num_experts
+    r = lora_A.shape[0] // E
+    return lora_A.reshape(E, r, lora_A.shape[1]), lora_B.reshape(lora_B.shape[0], r, E).permute(2, 0, 1)
+
+
+def _key_prefixes(block_name: str, projections: tuple[str, ...]) -> dict[str, str]:
+    """Where peft keeps each projection's tensors: the first target is the inner wrapper."""
+    experts = f"{PREFIX}{block_name}.experts."
+    if len(projections) == 1:
+        return {projections[0]: experts}
+    return {projections[0]: experts + "base_layer.", projections[1]: experts}
+
+
+def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's expert adapters as a peft LoRA folder for the original transformers model."""
+    from safetensors.torch import save_file
+
+    blocks = _converted_blocks(model)
+    adapted = [(name, block.moe.experts) for name, block in blocks if isinstance(block.moe.experts, LoRAExperts)]
+    if not adapted:
+        raise ValueError("the model has no LoRA adapters on its converted experts; call add_lora first")
+    if any(isinstance(m, LoRAExperts) for _, block in blocks if block.moe.shared_experts is not None
+           for m in block.moe.shared_experts.modules()):
+        raise ValueError("adapters on shared experts have no peft target_parameters form; add_lora with "
+                         "targets=('experts',) for a peft folder")
+    first = adapted[0][1]
+    settings = {(lora.rank, lora.alpha, lora.rslora, lora.projections) for _, lora in adapted}
+    if len(settings) > 1 or len(adapted) != len(blocks):
+        raise ValueError("peft's format holds one rank, alpha and target list for every layer; the model's "
+                         f"adapters differ: {sorted(settings)} on {len(adapted)} of {len(blocks)} MoE layers")
+    tensors = {}
+    for name, lora in adapted:
+        prefixes = _key_prefixes(name, lora.projections)
+        for projection in lora.projections:
+            A, B = getattr(lora, f"lora_A_{projection}"), getattr(lora, f"lora_B_{projection}")
+            peft_A, peft_B = _peft_factors(A.detach(), B.detach())
+            tensors[prefixes[projection] + "lora_A.weight"] = peft_A.contiguous().cpu()
+            tensors[prefixes[projection] + "lora_B.weight"] = peft_B.contiguous().cpu()
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": first.rank, "lora_alpha": first.alpha, "use_rslora": first.rslora, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": [], "target_parameters": [f"mlp.experts.{HF_WEIGHTS[p]}" for p in first.projections],
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir() or not path.is_file():
+        raise ValueError(f"{str(folder)!r} is not a peft adapter folder: no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; moekit reads LORA adapters")
+    set_options = [k for k in _UNSUPPORTED_OPTIONS if config.get(k)]
+    if set_options:
+        raise ValueError(f"{path}: options moekit's expert adapters do not have: {', '.join(set_options)}")
+    if config.get("target_modules"):
+        raise ValueError(f"{path}: the adapter also targets modules {config['target_modules']}; moekit loads the "
+                         "expert adapters (target_parameters): load the rest with peft")
+    return config
+
+
+def _projections(config: dict, path: Path) -> tuple[str, ...]:
+    by_weight = {w: p for p, w in HF_WEIGHTS.items()}
+    projections = []
+    for target in config.get("target_parameters") or []:
+        weight = str(target).rsplit(".", 1)[-1]
+        if weight not in by_weight or "experts" not in str(target):
+            raise ValueError(f"{path}: target parameter {target!r} is not a stacked expert weight "
+                             f"(experts.{' or experts.'.join(HF_WEIGHTS.values())})")
+        projections.append(by_weight[weight])
+    if not projections:
+        raise ValueError(f"{path}: no target_parameters; nothing for moekit's expert adapters to load")
+    return tuple(projections)
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
+    """Load a peft LoRA folder targeting the stacked expert weights onto a converted model
+    (adding the adapters when the model has none); returns the model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    projections = _projections(config, folder / CONFIG_FILE)
+    tensors = load_file(str(folder / WEIGHTS_FILE)) if (folder / WEIGHTS_FILE).is_file() else None
+    if tensors is None:
+        raise ValueError(f"{str(folder)!r} has no {WEIGHTS_FILE}")
+    blocks = _converted_blocks(model)
+    if not any(isinstance(block.moe.experts, LoRAExperts) for _, block in blocks):
+        add_lora(model, int(config["r"]), float(config["lora_alpha"]),
+                 projections=tuple(p for p in ("in", "out") if p in projections),
+                 rslora=bool(config.get("use_rslora", False)))
+    used = set()
+    for name, block in blocks:
+        lora = block.moe.experts
+        if not isinstance(lora, LoRAExperts) or lora.rank != int(config["r"]):
+            raise ValueError(f"{name}: the model's adapters ({getattr(lora, 'rank', 'none')}) differ from the "
+                             f"folder's rank {config['r']}")
+        for projection, prefix in _key_prefixes(name, projections).items():
+            keys = (prefix + "lora_A.weight", prefix + "lora_B.weight")
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise ValueError(f"{folder / WEIGHTS_FILE}: no {missing[0]} (the folder does not fit this model)")
+            A, B = _moekit_factors(tensors[keys[0]], tensors[keys[1]], lora.num_experts)
+            target_A, target_B = getattr(lora, f"lora_A_{projection}"), getattr(lora, f"lora_B_{projection}")
+            if A.shape != target_A.shape or B.shape != target_B.shape:
+                raise ValueError(f"{name}: {keys[0]} gives A {tuple(A.shape)} and B {tuple(B.shape)}; the experts "
+                                 f"need {tuple(target_A.shape)} and {tuple(target_B.shape)}")
+            target_A.copy_(A)
+            target_B.copy_(B)
+            used.update(keys)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: tensors the model has no place for: {', '.join(unused[:4])}")
+    return model
