@@ -11,8 +11,9 @@ folder)`` reads such a folder (written by moekit or by ``peft``) onto a converte
 peft's layout for a stacked weight (E, out, in) at rank r: ``lora_A.weight`` is (r·E,
 in) with expert e's rows at e·r … e·r + r − 1, ``lora_B.weight`` is (out, r·E) with
 expert e's rank-i column at i·E + e; the update is (alpha / r)·B_e·A_e. When both
-weights of one experts module are adapted, peft nests its wrappers: the first name of
-``target_parameters`` is the inner one, whose tensors sit under ``base_layer.``.
+weights of one experts module are adapted, peft nests its wrappers in the order the
+module registers its parameters: ``gate_up_proj``'s wrapper is the inner one, whose
+tensors sit under ``base_layer.`` (whatever order ``target_parameters`` lists them in).
 
 Shapes: E experts, r rank, D model dim, F expert hidden dim.
 """
@@ -61,7 +62,7 @@ def _moekit_factors(lora_A: Tensor, lora_B: Tensor, num_experts: int) -> tuple[T
 
 
 def _key_prefixes(block_name: str, projections: tuple[str, ...]) -> dict[str, str]:
-    """Where peft keeps each projection's tensors: the first target is the inner wrapper."""
+    """Where peft keeps each projection's tensors (``projections`` in parameter order)."""
     experts = f"{PREFIX}{block_name}.experts."
     if len(projections) == 1:
         return {projections[0]: experts}
@@ -136,7 +137,8 @@ def _projections(config: dict, path: Path) -> tuple[str, ...]:
         projections.append(by_weight[weight])
     if not projections:
         raise ValueError(f"{path}: no target_parameters; nothing for moekit's expert adapters to load")
-    return tuple(projections)
+    # peft may save the list in any order; its nesting follows the block's parameter order.
+    return tuple(p for p in HF_WEIGHTS if p in projections)
 
 
 @torch.no_grad()
