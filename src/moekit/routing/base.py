@@ -147,6 +147,19 @@ class Router(nn.Module):
                 token_ids_T: Tensor | None = None) -> AnyRouting:
         raise NotImplementedError
 
+    # Routing replay (``moekit.finetune.replay``): the experts to choose at the next call,
+    # (T, K) long; the router still computes its weights from its live scores at them.
+    replayed_TK: Tensor | None = None
+
+    def choose(self, scores_TE: Tensor, k: int) -> Tensor:
+        """The K experts of each token: the top K of ``scores_TE``, or the replayed choice."""
+        if self.replayed_TK is None:
+            return scores_TE.topk(k, dim=-1).indices
+        if self.replayed_TK.shape != (scores_TE.shape[0], k):
+            raise ValueError(f"router {self.name!r}: the replayed choice has shape {tuple(self.replayed_TK.shape)}; "
+                             f"this call routes {scores_TE.shape[0]} tokens to {k} experts each")
+        return self.replayed_TK.to(scores_TE.device)
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
 

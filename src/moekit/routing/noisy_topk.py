@@ -48,7 +48,8 @@ class NoisyTopKRouter(GateRouter):
     def route(self, clean_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         noise_std_TE = F.softplus(x_TD @ self.noise_weight.to(x_TD.dtype).t())
         noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE if self.training else clean_TE
-        top_values_TK, indices_TK = noisy_TE.topk(self.top_k, dim=-1)
+        indices_TK = self.choose(noisy_TE, self.top_k)
+        top_values_TK = noisy_TE.gather(1, indices_TK)
         weights_TK = top_values_TK.softmax(dim=-1)  # softmax over KeepTopK(H, k)
         gates_TE = gates_from_topk(indices_TK, weights_TK, self.num_experts)
         token_weight_T = None if valid_T is None else valid_T.to(clean_TE.dtype)

@@ -173,7 +173,7 @@ class SigmoidRouter(GateRouter):
         choice_TE = affinity_TE.detach() + self.expert_bias_E.to(affinity_TE.dtype)
         if o.kept_groups < o.num_expert_groups:
             choice_TE = limit_to_top_groups(choice_TE, o.num_expert_groups, o.kept_groups, o.outside_group_score)
-        indices_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        indices_TK = self.choose(choice_TE, self.top_k)
         selected_TK = affinity_TE.gather(1, indices_TK)
         if o.normalize_weights:
             selected_TK = selected_TK / selected_TK.sum(dim=-1, keepdim=True)

@@ -31,5 +31,9 @@ class SwitchRouter(GateRouter):
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = probs_TE.max(dim=-1, keepdim=True)
+        if self.replayed_TK is None:
+            weights_TK, indices_TK = probs_TE.max(dim=-1, keepdim=True)
+        else:
+            indices_TK = self.choose(probs_TE, 1)
+            weights_TK = probs_TE.gather(1, indices_TK)
         return standard_routing(indices_TK, weights_TK, logits_TE, probs_TE, valid_T)

@@ -72,6 +72,9 @@ class TopKRouter(GateRouter):
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = topk_weights(probs_TE, self.top_k, self.options.normalize_weights)
+        indices_TK = self.choose(probs_TE, self.top_k)
+        weights_TK = probs_TE.gather(1, indices_TK)
+        if self.options.normalize_weights:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = dispatched_assignments(self.options.second_expert_policy, weights_TK, self.training)
         return standard_routing(indices_TK, weights_TK, logits_TE, probs_TE, valid_T, active_TK)

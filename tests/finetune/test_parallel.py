@@ -43,3 +43,26 @@ def _lora_ep_worker(rank, world):
 
 def test_lora_adapters_shard_with_their_experts():
     assert expect_ok(run_ranks(_lora_ep_worker)) == [True, True]
+
+
+def _replay_ep_worker(rank, world):
+    from moekit.finetune import flip_rate, record_choices, replay_choices
+    from moekit.parallel import expert_parallel
+
+    torch.manual_seed(0)
+    sharded = expert_parallel(MoE(MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, capacity_factor=1.0)))
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(rank))
+    with record_choices(sharded) as record:
+        expected = sharded(x).y
+    with replay_choices(sharded, record):
+        assert torch.equal(sharded(x).y, expected)
+    with torch.no_grad():
+        sharded.router.weight.normal_()
+    with replay_choices(sharded, record), record_choices(sharded) as again:
+        sharded(x)
+    assert flip_rate(record, again)["all"] == 0.0
+    return True
+
+
+def test_replay_under_expert_parallelism_runs_each_ranks_recorded_experts():
+    assert expect_ok(run_ranks(_replay_ep_worker)) == [True, True]
