@@ -27,6 +27,8 @@ from .dispatch import DROPLESS, Capacity, Dispatched, LocalDispatcher
 from .experts import ModuleExperts, SharedExperts, build_experts
 from .routing import AnyRouting, BalancedRouting, LazyMapping, forced, router_class, routing_stats
 from .routing.forcing import RoutingChoice
+from .routing.losses import losses_from_sums
+from .routing.records import with_added_sums
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class MoE(nn.Module):
         # Replaced by moekit.parallel.expert_parallel, which also shards the experts.
         self.dispatcher = LocalDispatcher()
         self.forced_routing: RoutingChoice | None = None
+        self.loss_sums_offset: Mapping[str, Tensor] | None = None
         if config.debug_balanced_routing:
             self.force_routing(BalancedRouting())
         self.compute_path(torch.empty(0, config.d_model, device="meta"))  # a name error now, not at the first call
@@ -152,6 +155,8 @@ class MoE(nn.Module):
         routing = self.router(x_TD, valid_T=valid_T, **context)
         if self.forced_routing is not None:
             routing = forced(routing, *self.forced_routing(routing))
+        if self.loss_sums_offset is not None:  # the other micro-batches' sums (moekit.train.accumulation)
+            routing = with_added_sums(routing, self.loss_sums_offset, self.router.global_losses, losses_from_sums)
         path = self.compute_path(x_TD)
         plan = self.dispatcher.plan(routing, self._capacity(x), path, x_TD)
         if self.dispatcher.fuses(path, plan):  # dispatch, experts and combine in one pass, no (R, D) rows

@@ -281,7 +281,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"sequence length ({past + S}) exceeds context_length ({self.config.context_length})")
         attend = self._attend(S, past, attention_mask, cache)
         x = self.embed(idx)  # (B, S, D)
-        aux_loss = x.new_zeros((), dtype=torch.float32)
+        # Losses in float32 at least (float64 models keep float64, for exact tests).
+        loss_dtype = torch.promote_types(x.dtype, torch.float32)
+        aux_loss = x.new_zeros((), dtype=loss_dtype)
         routings = []
         for layer, block in enumerate(self.blocks):
             x, block_aux, routing = block(x, attend, idx, layer)
@@ -291,7 +293,7 @@ class LanguageModel(nn.Module):
         logits = self.head(self.norm_out(x))  # (B, S, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.to(loss_dtype).view(-1, logits.size(-1)), targets.reshape(-1))
         return LMOutput(logits, loss, aux_loss, routings)
 
     def _attend(self, S: int, past: int, attention_mask: Tensor | None, cache: KVCache | None) -> Attend:

@@ -205,3 +205,17 @@ class SoftRouting(_Record):
 
 
 AnyRouting = Routing | ExpertChoiceRouting | SoftRouting
+
+
+def with_added_sums(record, offset: Mapping[str, Tensor], global_losses, formulas) -> object:
+    """The record with ``offset`` added to its sums, and its global losses recomputed from
+    them by ``formulas(names, sums, E)`` (gradient accumulation over micro-batches)."""
+    import dataclasses
+
+    own = record.sums
+    sums = LazyMapping({name: (lambda n=name: own[n] + offset[n].to(torch.as_tensor(own[n]).device)
+                               if n in offset else own[n]) for name in own})
+    E = record.num_experts
+    losses = LazyMapping({name: (lambda n=name: formulas([n], sums, E)[n] if n in global_losses
+                                 else record.losses[n]) for name in record.losses})
+    return dataclasses.replace(record, sums=sums, losses=losses)
