@@ -216,3 +216,15 @@ def test_hash_routing_trains_on_the_tokenizer_vocabulary_without_a_top_k(tmp_pat
     moe = json.loads((run / "config.json").read_text())["model"]["moe"]
     assert moe["router_options"]["vocab_size"] == 300 and moe["top_k"] == 1
     assert main(["generate", str(run), "--max-new-tokens", "3"]) == 0
+
+
+def test_train_accumulates_micro_batches_and_names_a_split_that_does_not_divide(tmp_path, capsys, corpus_dir):
+    run = tmp_path / "acc"
+    assert main(["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "2", *TINY,
+                 "--batch-size", "4", "--grad-accumulation", "2"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["grad_accumulation"] == 2
+    capsys.readouterr()
+    assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path / "bad"), *TINY,
+                 "--batch-size", "4", "--grad-accumulation", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size (4) must be divisible by grad_accumulation (3)" in err and len(err.strip().splitlines()) == 1

@@ -82,6 +82,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=defaults["steps"], help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"], help="sequences per step (default: %(default)s)")
+    g.add_argument("--grad-accumulation", type=_positive_int, default=1, metavar="N",
+                   help="split each step's batch into N micro-batches (less memory; the balancing losses stay "
+                        "the whole batch's; default: %(default)s)")
     g.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default: %(default)s)")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: steps / 10)")

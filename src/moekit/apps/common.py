@@ -118,7 +118,7 @@ def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=min(args.log_every, args.steps),
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, device=args.device,
-        stage=getattr(args, "stage", "full"),
+        stage=getattr(args, "stage", "full"), grad_accumulation=getattr(args, "grad_accumulation", 1),
     )
     return model_config, train_config
 
