@@ -25,19 +25,21 @@ H first projection width, F expert hidden dim, E experts, r adapter rank.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import switches
+from .low_rank import (
+    GROUPED_MM_ALIGN_BYTES,
+    GROUPED_MM_DTYPES,
+    LowRank,
+    add_low_rank_,
+    low_rank_expert,
+    low_rank_rows,
+)
 from .ops import ACTIVATIONS, glu, routed_mlp, segment_mlp
 from .precision import autocast_dtype, autocast_operands
-
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# grouped_mm needs every row stride to be a multiple of 16 bytes.
-_GROUPED_MM_ALIGN_BYTES = 16
 
 
 def hidden_activation(h: Tensor, activation: str, is_glu: bool) -> Tensor:
@@ -84,50 +86,9 @@ def linear(x_ND: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x_ND, weight, bias)
 
 
-class LowRank(NamedTuple):
-    """A low-rank update of one stacked projection: ``scale · B_e (A_e x)``."""
-
-    A: Tensor  # (E, r, in)
-    B: Tensor  # (E, out, r)
-    scale: float
-
-
 def low_rank_pair(mlp) -> tuple[LowRank | None, LowRank | None]:
     """The adapters of ``mlp``'s first and second projections (None where it has none)."""
     return getattr(mlp, "low_rank_in", None), getattr(mlp, "low_rank_out", None)
-
-
-def low_rank_expert(x_ND: Tensor, delta: LowRank, e: int) -> Tensor:
-    """Expert e's update on its rows: the readable reference."""
-    return linear(linear(x_ND, delta.A[e].to(x_ND.dtype)), delta.B[e].to(x_ND.dtype)) * delta.scale
-
-
-def _grouped_mm_fits(dtype: torch.dtype, *widths: int) -> bool:
-    return dtype in GROUPED_MM_DTYPES and all((n * dtype.itemsize) % _GROUPED_MM_ALIGN_BYTES == 0 for n in widths)
-
-
-def low_rank_rows(x_RD: Tensor, delta: LowRank, counts_E: Tensor, offsets_E: Tensor | None = None) -> Tensor:
-    """Every expert's update on its rows (grouped by expert): two ``grouped_mm`` over all
-    experts where the dtype and widths allow, else one expert at a time."""
-    A, B = autocast_operands(x_RD.device.type, delta.A, delta.B)
-    x_RD = x_RD.to(A.dtype)
-    _, r, width_in = A.shape
-    width_out = B.shape[1]
-    if _grouped_mm_fits(x_RD.dtype, width_in, width_out):
-        # grouped_mm needs 16-byte rows: zero rank-columns pad r and add nothing.
-        multiple = _GROUPED_MM_ALIGN_BYTES // x_RD.dtype.itemsize
-        pad = -r % multiple
-        if pad:
-            A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
-        offsets_E = counts_E.cumsum(0, dtype=torch.int32) if offsets_E is None else offsets_E
-        u_Rr = F.grouped_mm(x_RD, A.transpose(-2, -1), offs=offsets_E)
-        return F.grouped_mm(u_Rr, B.transpose(-2, -1), offs=offsets_E) * delta.scale
-    counts = counts_E.tolist()  # NOTE: .tolist() syncs with the device
-    pieces = [low_rank_expert(x_ND, LowRank(A, B, delta.scale), e)
-              for e, x_ND in enumerate(x_RD.split(counts)) if x_ND.shape[0] > 0]
-    if not pieces:
-        return x_RD.new_zeros(0, width_out)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def expert_mlp(mlp, e: int, x_ND: Tensor) -> Tensor:
@@ -182,8 +143,8 @@ def grouped_mm_missing(mlp, dtype: torch.dtype) -> str | None:
     if dtype not in GROUPED_MM_DTYPES:
         return f"float32, bfloat16 or float16 (got {dtype})"
     item = dtype.itemsize
-    if any((n * item) % _GROUPED_MM_ALIGN_BYTES for n in (mlp.d_model, mlp.d_ff)):
-        return (f"d_model and d_ff whose rows are multiples of {_GROUPED_MM_ALIGN_BYTES} bytes "
+    if any((n * item) % GROUPED_MM_ALIGN_BYTES for n in (mlp.d_model, mlp.d_ff)):
+        return (f"d_model and d_ff whose rows are multiples of {GROUPED_MM_ALIGN_BYTES} bytes "
                 f"(got {mlp.d_model} and {mlp.d_ff} in {dtype})")
     return None
 
@@ -197,13 +158,13 @@ def grouped_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
     # h's gradient comes from the activation's backward, which is always contiguous.
     h_RH = F.grouped_mm(x_RD, w_in.transpose(-2, -1), offs=offsets_E)
     if delta_in is not None:
-        h_RH = h_RH + low_rank_rows(x_RD, delta_in, counts_E, offsets_E)
+        h_RH = add_low_rank_(h_RH, x_RD, delta_in, counts_E, offsets_E)
     if mlp.b_in is not None:
         h_RH = h_RH + mlp.b_in.to(h_RH.dtype).repeat_interleave(counts_E, dim=0, output_size=R)
     a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
     y_RD = F.grouped_mm(a_RF, w_out.transpose(-2, -1), offs=offsets_E)
     if delta_out is not None:
-        y_RD = y_RD + low_rank_rows(a_RF, delta_out, counts_E, offsets_E)
+        y_RD = add_low_rank_(y_RD, a_RF, delta_out, counts_E, offsets_E)
     # Callers may hand back any gradient, expanded ones included.
     y_RD = contiguous_grad(y_RD)
     if mlp.b_out is not None:

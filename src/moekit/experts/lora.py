@@ -29,7 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..compute.mlp import LowRank, expert_mlp, grouped_mm_missing, grouped_rows
+from ..compute.low_rank import LowRank
+from ..compute.mlp import expert_mlp, grouped_mm_missing, grouped_rows
 from ..compute.paths import rows_one_expert_at_a_time
 from .base import Experts
 
