@@ -108,7 +108,8 @@ def measure(repeats: int, ranks=(8, 16, 64)) -> dict:
             for p in model.parameters():
                 p.grad = None
 
-        fns = {"frozen": lambda: step(frozen), "lora": lambda: step(lora), "peft": lambda: step(peft_model, True)}
+        fns = {"frozen": lambda: step(frozen), "lora": lambda m=lora: step(m),
+               "peft": lambda m=peft_model: step(m, True)}
         times = {name: statistics.median(t) for name, t in median_times(fns, repeats).items()}
         adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         full = sum(p.numel() for p in base.parameters())
