@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops import _bounds
 from .precision import autocast_operands
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,14 +68,6 @@ def low_rank_rows(x_RD: Tensor, delta: LowRank, counts_E: Tensor, offsets_E: Ten
     if not pieces:
         return x_RD.new_zeros(0, width_out)
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def _bounds(counts: list[int]) -> list[tuple[int, int]]:
-    bounds, start = [], 0
-    for n in counts:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
 
 
 class _AddLowRank(torch.autograd.Function):
