@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from ..experts.lora import PROJECTIONS, LoRAExperts
-from ..layer import MoE, moe_layers
+from ..layer import moe_layers
 
 TARGETS = ("experts", "shared")
 
@@ -94,5 +94,5 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MoE", "add_lora", "adapter_state_dict", "lora_experts", "lora_sites", "merge_lora",
+__all__ = ["add_lora", "adapter_state_dict", "lora_experts", "lora_sites", "merge_lora",
            "trainable_parameters"]

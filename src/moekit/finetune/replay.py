@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import MoE, moe_layers
-
-_REPLAYABLE = ("topk", "noisy_topk", "switch", "sigmoid")
+from ..routing import ROUTERS
 
 
 @dataclass
@@ -109,9 +108,10 @@ def replay_choices(model: nn.Module, record: ChoiceRecord) -> Iterator[None]:
         raise ValueError(f"the record has no choices for layer(s) {', '.join(missing)}; it holds "
                          f"{', '.join(record.layers) or 'none'}")
     for name, layer in layers:
-        if layer.config.router not in _REPLAYABLE:
-            raise ValueError(f"{name}: router {layer.config.router!r} cannot replay a choice; token-choice routers "
-                             f"can: {', '.join(_REPLAYABLE)}")
+        if not layer.router.replayable:
+            replayable = ", ".join(n for n, cls in ROUTERS.items() if cls.replayable)
+            raise ValueError(f"{name}: router {layer.config.router!r} cannot replay a choice; routers that can: "
+                             f"{replayable}")
     position = {name: 0 for name, _ in layers}
 
     def before(name):

@@ -13,6 +13,8 @@ know about it (nothing compares router names):
 - ``growable``: its choice is the top K of the logits and its weights do not
   depend on the logits left out, so ``interop.surgery.grow`` can add experts
   without changing its output;
+- ``replayable``: it chooses through ``choose``, so a recorded choice can be replayed
+  (``moekit.finetune.replay``) while its weights follow its own formula;
 - ``losses``: the auxiliary losses it reports; ``global_losses``: those that are
   formulas of sums over tokens (``routing.losses``), which expert parallelism
   computes over the global batch.
@@ -109,6 +111,7 @@ class Router(nn.Module):
     top_k_fixed: ClassVar[bool] = False
     token_choice: ClassVar[bool] = True
     growable: ClassVar[bool] = False
+    replayable: ClassVar[bool] = False
     losses: ClassVar[tuple[str, ...]] = ()
     global_losses: ClassVar[frozenset[str]] = frozenset()
 

@@ -37,6 +37,7 @@ class NoisyTopKOptions(GateOptions):
 class NoisyTopKRouter(GateRouter):
     Options = NoisyTopKOptions
     growable = True
+    replayable = True
     losses = STANDARD_LOSSES
     global_losses = frozenset(STANDARD_LOSSES)
 

@@ -147,6 +147,7 @@ def sequence_balance_loss(
 
 class SigmoidRouter(GateRouter):
     Options = SigmoidOptions
+    replayable = True
     losses = ("sequence_balance",)
     global_losses = frozenset(losses)
 

@@ -24,6 +24,7 @@ class SwitchOptions(GateOptions):
 
 class SwitchRouter(GateRouter):
     Options = SwitchOptions
+    replayable = True
     default_top_k = 1
     top_k_fixed = True
     losses = STANDARD_LOSSES

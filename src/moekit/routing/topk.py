@@ -67,6 +67,7 @@ def standard_routing(indices_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, 
 class TopKRouter(GateRouter):
     Options = TopKOptions
     growable = True
+    replayable = True
     losses = STANDARD_LOSSES
     global_losses = frozenset(STANDARD_LOSSES)
 
