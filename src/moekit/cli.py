@@ -2,7 +2,7 @@
 
 The commands themselves live in ``moekit.apps`` (``commands``: train, eval,
 generate, report, bench; ``demo``: the main job; ``surgery``: upcycle, grow,
-prune; ``inference``: quantize, cache-sim); this module only turns a command line into a call of one of them.
+prune; ``inference``: quantize, cache-sim; ``finetune``); this module only turns a command line into a call of one of them.
 """
 
 from __future__ import annotations
@@ -294,6 +294,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("load", "similarity"), default="load",
                    help="which experts go (default: %(default)s)")
     p.set_defaults(func=_command("surgery", "cmd_prune"))
+
+    p = sub.add_parser("finetune", help="adapt a trained run to new text: LoRA, mixture of LoRA experts or full",
+                       description="Fine-tune SOURCE (a moekit run folder) on --data (default: the embedded corpus) "
+                       "into the run folder OUT: LoRA on the MoE layers' experts, a mixture of LoRA experts in place "
+                       "of each dense FFN (mixlora), or every weight (full). The same command again continues OUT "
+                       "from its latest checkpoint. At the end OUT/adapter holds the LoRA adapters in peft's format, "
+                       "and with --merge OUT/merged the model with the updates folded into its weights.")
+    p.add_argument("source", metavar="SOURCE", help="the trained run folder to start from (only read)")
+    p.add_argument("--out", required=True, metavar="OUT", help="the fine-tuning run folder")
+    p.add_argument("--method", choices=("lora", "mixlora", "full"), default="lora",
+                   help="what trains (default: %(default)s)")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / r "
+                   "(default: 2·rank)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha / √r (rank-stabilised LoRA)")
+    g.add_argument("--targets", default="experts", help="lora: experts and/or shared, comma-separated "
+                   "(default: %(default)s)")
+    g.add_argument("--mixlora-experts", type=_positive_int, default=4, help="mixlora: LoRA experts per dense FFN "
+                   "(default: %(default)s)")
+    g.add_argument("--mixlora-top-k", type=_positive_int, default=2, help="mixlora: experts per token "
+                   "(default: %(default)s)")
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default=None, metavar="PATH", help="text to adapt to: a file, folder or glob, or "
+                   "stdlib-tests (the standard library's test suites, which the embedded corpus leaves out); "
+                   "default: the embedded corpus")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="share of that text held out (default: %(default)s)")
+    g.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 for adapters, "
+                   "5e-4 for full)")
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
+    g.add_argument("--grad-accumulation", type=_positive_int, default=1, metavar="N",
+                   help="micro-batches per step (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1, help="seed of the adapters and batches (default: %(default)s)")
+    g.add_argument("--eval-every", type=_positive_int, default=50, help="steps between held-out evaluations "
+                   "(default: %(default)s)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints "
+                   "(default: %(default)s)")
+    p.add_argument("--merge", action="store_true", help="also write OUT/merged: the updates folded into the weights")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUT/report at the end (default: on)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.set_defaults(func=_command("finetune", "cmd_finetune"))
 
     p = sub.add_parser("bench", help="time MoE layers against the dense ideal and transformers' blocks",
                        description="Efficiency η = t_dense / t_moe of moekit's compute paths at the standard "

@@ -28,6 +28,11 @@ _STDLIB_SKIP = {
     "encodings",
     "pydoc_data",
 }
+# The embedded held-out domain: the standard library's own test suites, which the default
+# corpus leaves out (``_STDLIB_SKIP``). A fixed share of them keeps fine-tuning quick.
+STDLIB_TESTS = "stdlib-tests"
+_STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+STDLIB_TESTS_MAX_BYTES = 1_500_000
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".json", ".html", ".xml", ".tex"}
 _BINARY_SNIFF_BYTES = 8192
 
@@ -82,6 +87,27 @@ def stdlib_files() -> tuple[Path, list[Path]]:
         if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1])) and p.is_file()
     ]
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_test_files(max_bytes: int = STDLIB_TESTS_MAX_BYTES) -> tuple[Path, list[Path]]:
+    """Test-suite .py files of the standard library, about ``max_bytes`` of them, sorted.
+
+    Files are taken in the order of a hash of their path until ``max_bytes``, so the
+    choice is a fixed spread over all suites, whatever the interpreter's layout."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = [p for p in root.rglob("*.py") if p.is_file() and "site-packages" not in p.parts
+             and _STDLIB_TEST_DIRS & set(p.relative_to(root).parts[:-1])]
+    if not found:
+        raise DataError(f"--data {STDLIB_TESTS}: this Python ({root}) was installed without the standard "
+                        "library's test suites; pass --data with text of your own")
+    chosen, total = [], 0
+    # Salted: the validation split hashes the bare path, and must not see only the first files.
+    for path in sorted(found, key=lambda p: hashlib.sha256(b"held-out:" + p.relative_to(root).as_posix().encode()).digest()):
+        if total >= max_bytes:
+            break
+        chosen.append(path)
+        total += path.stat().st_size
+    return root, sorted(chosen, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _read_text(path: Path) -> str:
@@ -147,12 +173,16 @@ def load_corpus(data: str | None = None, val_fraction: float = 0.05) -> Corpus:
     if data is None:
         root, files = stdlib_files()
         source = "stdlib"
+    elif data == STDLIB_TESTS and not Path(data).exists():
+        root, files = stdlib_test_files()
+        source = data
     else:
         root, files = resolve_data_files(data)
         source = data
     documents = []
     for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace") if data is None else _read_text(path)
+        embedded = data is None or source == STDLIB_TESTS
+        text = path.read_text(encoding="utf-8", errors="replace") if embedded else _read_text(path)
         name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
         if text.strip():
             documents.append(Document(name, text))

@@ -13,6 +13,7 @@ from .base import Experts
 from .lora import LoRAExperts
 from .modules import ModuleExperts
 from .shared import SharedExperts
+from .shared_base import SharedBaseExperts
 from .stacked import KINDS, StackedExperts
 
 EXPERTS: dict[str, Callable[..., Experts]] = {kind: StackedExperts.from_config for kind in KINDS}
@@ -39,5 +40,5 @@ def build_experts(config) -> Experts:
     return experts
 
 
-__all__ = ["EXPERTS", "Experts", "LoRAExperts", "ModuleExperts", "SharedExperts", "StackedExperts", "build_experts",
+__all__ = ["EXPERTS", "Experts", "LoRAExperts", "ModuleExperts", "SharedBaseExperts", "SharedExperts", "StackedExperts", "build_experts",
            "register_experts"]

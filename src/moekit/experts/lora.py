@@ -33,6 +33,7 @@ from ..compute.low_rank import LowRank
 from ..compute.mlp import expert_mlp, grouped_mm_missing, grouped_rows
 from ..compute.paths import rows_one_expert_at_a_time
 from .base import Experts
+from .stacked import StackedExperts
 
 PROJECTIONS = ("in", "out")
 
@@ -59,7 +60,6 @@ class LoRAExperts(Experts):
     """
 
     stacked_mlp = True
-    shardable = True
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, *,
                  projections: tuple[str, ...] = PROJECTIONS, rslora: bool = False):
@@ -96,6 +96,9 @@ class LoRAExperts(Experts):
     b_out = property(lambda self: self.base.b_out)
     activation = property(lambda self: self.base.activation)
     is_glu = property(lambda self: self.base.is_glu)
+    # Adapters shard with their experts when the base does (not a shared base).
+    shardable = property(lambda self: self.base.shardable)
+    shared_base = property(lambda self: getattr(self.base, "shared_base", False))
 
     @property
     def low_rank_in(self) -> LowRank | None:
@@ -145,6 +148,9 @@ class LoRAExperts(Experts):
         """Add the updates into the base weights (the adapters then stop adding); ``unmerge`` undoes it."""
         if self.merged:
             raise RuntimeError("LoRA experts are already merged; call unmerge() first")
+        if self.shared_base:
+            raise RuntimeError("these experts share one base weight, which cannot hold E different updates; "
+                               "merged_experts() gives E stacked experts with the updates added")
         deltas = self.delta_weights()
         self._unmerged = {name: getattr(self.base, name).detach().clone() for name in deltas}
         for name, delta in deltas.items():
@@ -161,11 +167,26 @@ class LoRAExperts(Experts):
         self._unmerged = None
 
     def merged_experts(self) -> nn.Module:
-        """The base experts with the updates added (the adapters dropped): what export writes."""
+        """The base experts with the updates added (the adapters dropped): what export writes.
+        Over a shared base (a mixture of LoRA experts) they become E ``StackedExperts``."""
+        if self.shared_base:
+            return self._materialized()
         if not self.merged:
             self.merge()
         self._unmerged = None
         return self.base.requires_grad_(True)
+
+    @torch.no_grad()
+    def _materialized(self) -> nn.Module:
+        base = self.base
+        experts = StackedExperts(self.num_experts, base.d_model, base.d_ff, kind=base.kind,
+                                 activation=base.activation, bias=base.b_in is not None)
+        experts.to(device=base.w_in.device, dtype=base.w_in.dtype)
+        deltas = self.delta_weights()
+        for name, param in experts.named_parameters():
+            value = getattr(base, name).double()
+            param.copy_((value + deltas[name] if name in deltas else value).to(param.dtype))
+        return experts
 
     @torch.no_grad()
     def shard(self, first: int, count: int) -> LoRAExperts:

@@ -1,4 +1,4 @@
-"""Adapters of converted Hugging Face models in the ``peft`` library's format, both ways.
+"""Expert adapters in the ``peft`` library's format, both ways.
 
 ``save_peft_adapter(model, folder)`` writes the LoRA adapters of a converted
 transformers model (``convert_model`` then ``add_lora``) as ``peft`` writes them for
@@ -7,6 +7,10 @@ stacked expert weights (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``)
 ``adapter_model.safetensors``. ``peft.PeftModel.from_pretrained(original, folder)``
 then computes what the adapted moekit model computes. ``load_peft_adapter(model,
 folder)`` reads such a folder (written by moekit or by ``peft``) onto a converted model.
+moekit's own models are written the same way, with their own module and weight names
+(``target_parameters``: ``ffn.experts.w_in``, ``ffn.experts.w_out``), and read back by
+``load_peft_adapter``; peft itself cannot run them (its wrapper hides the stacked-MLP
+contract the compute paths read).
 
 peft's layout for a stacked weight (E, out, in) at rank r: ``lora_A.weight`` is (r·E,
 in) with expert e's rows at e·r … e·r + r − 1, ``lora_B.weight`` is (out, r·E) with
@@ -27,25 +31,32 @@ import torch
 from torch import Tensor, nn
 
 from ..experts.lora import LoRAExperts
+from ..layer import MoE, moe_layers
 from .lora import add_lora
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# moekit projection → the transformers stacked weight it adapts.
+# moekit projection → the stacked weight it adapts, in transformers' MoE blocks and in moekit's.
 HF_WEIGHTS = {"in": "gate_up_proj", "out": "down_proj"}
+MOEKIT_WEIGHTS = {"in": "w_in", "out": "w_out"}
 _UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
                         "alpha_pattern", "layers_to_transform", "trainable_token_indices")
 
 
-def _converted_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _adapted_layers(model: nn.Module) -> tuple[list[tuple[str, MoE]], dict[str, str]]:
+    """The model's MoE layers under the names peft gives the modules holding their experts'
+    stacked weights, and those weights' names by moekit projection."""
     from ..interop.hf_models import HFMoEBlock
 
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} holds no converted Hugging Face MoE block; PEFT adapters are "
-                         "written for converted transformers models (moekit.interop.hf.convert_model)")
-    return blocks
+    blocks = [(name, m.moe) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    if blocks:  # a converted transformers model: its own module and weight names
+        return blocks, HF_WEIGHTS
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer; peft adapters are written for moekit models "
+                         "and converted transformers models (moekit.interop.hf.convert_model)")
+    return layers, MOEKIT_WEIGHTS
 
 
 def _peft_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,12 +84,15 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
     """Write the model's expert adapters as a peft LoRA folder for the original transformers model."""
     from safetensors.torch import save_file
 
-    blocks = _converted_blocks(model)
-    adapted = [(name, block.moe.experts) for name, block in blocks if isinstance(block.moe.experts, LoRAExperts)]
+    blocks, weights = _adapted_layers(model)
+    adapted = [(name, moe.experts) for name, moe in blocks if isinstance(moe.experts, LoRAExperts)]
     if not adapted:
-        raise ValueError("the model has no LoRA adapters on its converted experts; call add_lora first")
-    if any(isinstance(m, LoRAExperts) for _, block in blocks if block.moe.shared_experts is not None
-           for m in block.moe.shared_experts.modules()):
+        raise ValueError("the model has no LoRA adapters on its experts; call add_lora first")
+    if any(lora.shared_base for _, lora in adapted):
+        raise ValueError("mixtures of LoRA experts have no peft form (peft has no router over adapters); "
+                         "the run's checkpoint holds them, merge_lora turns them into plain experts")
+    if any(isinstance(m, LoRAExperts) for _, moe in blocks if moe.shared_experts is not None
+           for m in moe.shared_experts.modules()):
         raise ValueError("adapters on shared experts have no peft target_parameters form; add_lora with "
                          "targets=('experts',) for a peft folder")
     first = adapted[0][1]
@@ -98,7 +112,8 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": first.rank, "lora_alpha": first.alpha, "use_rslora": first.rslora, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": [], "target_parameters": [f"mlp.experts.{HF_WEIGHTS[p]}" for p in first.projections],
+        "target_modules": [], "target_parameters": sorted({f"{name.rsplit('.', 1)[-1]}.experts.{weights[p]}"
+                                                           for name, _ in adapted for p in first.projections}),
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,19 +141,19 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _projections(config: dict, path: Path) -> tuple[str, ...]:
-    by_weight = {w: p for p, w in HF_WEIGHTS.items()}
+def _projections(config: dict, path: Path, weights: dict[str, str]) -> tuple[str, ...]:
+    by_weight = {w: p for p, w in weights.items()}
     projections = []
     for target in config.get("target_parameters") or []:
         weight = str(target).rsplit(".", 1)[-1]
         if weight not in by_weight or "experts" not in str(target):
             raise ValueError(f"{path}: target parameter {target!r} is not a stacked expert weight "
-                             f"(experts.{' or experts.'.join(HF_WEIGHTS.values())})")
+                             f"(experts.{' or experts.'.join(weights.values())})")
         projections.append(by_weight[weight])
     if not projections:
         raise ValueError(f"{path}: no target_parameters; nothing for moekit's expert adapters to load")
     # peft may save the list in any order; its nesting follows the block's parameter order.
-    return tuple(p for p in HF_WEIGHTS if p in projections)
+    return tuple(p for p in weights if p in projections)
 
 
 @torch.no_grad()
@@ -149,18 +164,18 @@ def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
 
     folder = Path(folder)
     config = _read_config(folder)
-    projections = _projections(config, folder / CONFIG_FILE)
+    blocks, weights = _adapted_layers(model)
+    projections = _projections(config, folder / CONFIG_FILE, weights)
     tensors = load_file(str(folder / WEIGHTS_FILE)) if (folder / WEIGHTS_FILE).is_file() else None
     if tensors is None:
         raise ValueError(f"{str(folder)!r} has no {WEIGHTS_FILE}")
-    blocks = _converted_blocks(model)
-    if not any(isinstance(block.moe.experts, LoRAExperts) for _, block in blocks):
+    if not any(isinstance(moe.experts, LoRAExperts) for _, moe in blocks):
         add_lora(model, int(config["r"]), float(config["lora_alpha"]),
                  projections=tuple(p for p in ("in", "out") if p in projections),
                  rslora=bool(config.get("use_rslora", False)))
     used = set()
-    for name, block in blocks:
-        lora = block.moe.experts
+    for name, moe in blocks:
+        lora = moe.experts
         if not isinstance(lora, LoRAExperts) or lora.rank != int(config["r"]):
             raise ValueError(f"{name}: the model's adapters ({getattr(lora, 'rank', 'none')}) differ from the "
                              f"folder's rank {config['r']}")

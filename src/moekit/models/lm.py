@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig
 from ..layer import MoE, MoERouting
 from ..routing import ROUTERS, router_class
+from .adapters import AdapterConfig, apply_adapter
 
 
 def router_is_causal(name: str) -> bool:
@@ -64,6 +65,9 @@ class LMConfig:
             near-random, and it takes thousands of steps to sharpen; 0.1 gives logits
             of order 1, so each token goes to experts of its own from the first step and
             experts specialise within a few hundred steps (measured in docs/lm.md).
+        adapter: what fine-tuning added (``moekit.models.adapters.AdapterConfig``): LoRA
+            on the experts, or mixtures of LoRA experts in place of the dense FFNs; the
+            base weights are then frozen. None: a plain model.
     """
 
     vocab_size: int
@@ -75,10 +79,13 @@ class LMConfig:
     moe: MoEConfig | None = None
     moe_every: int = 1
     router_init_std: float = 0.1
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from config.json, nested or as older runs wrote it
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -250,6 +257,8 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02)
             elif name.endswith(("proj.weight", "ffn.w_out.weight", "experts.w_out")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.adapter is not None:
+            apply_adapter(self, config.adapter, config.router_init_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -262,11 +271,14 @@ class LanguageModel(nn.Module):
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or those one token uses (K of E experts per MoE layer)."""
         total = sum(p.numel() for p in self.parameters())
-        if active and self.config.moe is not None:
-            moe = self.config.moe
+        if active:
             for block in self.blocks:
                 if block.is_moe:
-                    expert_params = sum(p.numel() for p in block.ffn.experts.parameters())
+                    moe = block.ffn.config
+                    experts = block.ffn.experts
+                    expert_params = sum(p.numel() for p in experts.parameters())
+                    if getattr(experts, "shared_base", False):  # every token uses a mixture's shared base
+                        expert_params -= sum(p.numel() for p in experts.base.parameters())
                     total -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
         return total
 

@@ -158,11 +158,13 @@ def fork_run(
     train_config: TrainConfig,
     *,
     data: str | None | object = SOURCE_CORPUS,
+    val_fraction: float | None = None,
 ) -> Path:
     """Start a new run folder from ``model`` (a copy or a surgery of ``source_dir``'s weights).
 
     The new run reuses the source's tokenizer (the model's vocabulary) and, unless
-    ``data`` names other text, its corpus; its config is ``model.config`` and
+    ``data`` names other text, its corpus (split by ``val_fraction``, default the
+    source's); its config is ``model.config`` and
     ``train_config``, and its step-0 checkpoint holds ``model`` with a fresh
     optimizer. Continue it with ``resume_run`` (``moekit train --resume``). The
     source folder is only read; an existing ``run_dir`` is refused.
@@ -176,7 +178,8 @@ def fork_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
     data_config = DataConfig(data=source_info["data"] if data is SOURCE_CORPUS else data, tokenizer=source_info["tokenizer"],
-                             vocab_size=source_info["vocab_size"], val_fraction=source_info["val_fraction"])
+                             vocab_size=source_info["vocab_size"],
+                             val_fraction=source_info["val_fraction"] if val_fraction is None else val_fraction)
     prepared = prepare_data(data_config, run_dir / TOKENIZER_FILE)
     info = dict(prepared.info, data=data_config.data, val_fraction=data_config.val_fraction)
     write_run_config(run_dir, model.config, train_config, info)

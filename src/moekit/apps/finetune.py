@@ -1,0 +1,113 @@
+"""``moekit finetune SOURCE --out OUT``: adapt a trained run to new text.
+
+LoRA on the experts, a mixture of LoRA experts in place of the dense FFNs, or full
+fine-tuning (``moekit.finetune.runs``). OUT is a run folder like any other: the same
+command run again continues it from its latest checkpoint (exactly: the trainer's
+resume), ``moekit eval | generate | report OUT`` read it. At the end it writes the
+adapters in peft's format (OUT/adapter, LoRA) and, with ``--merge``, the model with the
+updates folded into its weights as a run folder (OUT/merged).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import CLIError
+
+
+def _check_source(source: Path) -> None:
+    if not source.exists():
+        raise CLIError(f"{str(source)!r} does not exist; expected a moekit run folder (moekit train --out DIR)")
+    if not source.is_dir():
+        raise CLIError(f"{str(source)!r} is a file; expected a moekit run folder (moekit train --out DIR)")
+    config_path = source / "config.json"
+    if not config_path.exists():
+        raise CLIError(f"{str(source)!r} holds no config.json: it is not a run folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CLIError(f"{config_path}: not valid JSON ({error.msg})") from None
+    if "model_type" in config:
+        raise CLIError(f"{str(source)!r} is a Hugging Face model folder ({config['model_type']!r}); moekit finetune "
+                       "reads moekit run folders: convert it in Python (moekit.interop.hf.load_pretrained, then "
+                       "moekit.finetune.add_lora) and train it with your loop or transformers' Trainer")
+    if "model" not in config or "train" not in config:
+        raise CLIError(f"{config_path} is neither a moekit run's config (model, train) nor a Hugging Face config")
+
+
+def plan_from_args(args):
+    from ..finetune.runs import FinetunePlan
+
+    lr = args.lr if args.lr is not None else (5e-4 if args.method == "full" else 3e-3)
+    return FinetunePlan(method=args.method, rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                        rslora=args.rslora, targets=tuple(args.targets.split(",")), experts=args.mixlora_experts,
+                        top_k=args.mixlora_top_k, data=args.data, val_fraction=args.val_fraction, steps=args.steps,
+                        lr=lr, batch_size=args.batch_size, seed=args.seed, grad_accumulation=args.grad_accumulation,
+                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
+
+
+def run_finetune(source: Path, out: Path, plan, *, merge: bool = False, progress: bool = True,
+                 description: str | None = None, resume_command: str | None = None) -> dict | None:
+    """Start or continue the fine-tuning run in ``out``; at its end write its outputs and return
+    its record (``finetune.json``), or None when it was stopped early."""
+    from ..finetune.runs import (
+        median_step_time,
+        read_finetune,
+        start_finetune,
+        update_finetune,
+        write_outputs,
+    )
+    from ..train import evaluate, resume_run
+
+    _check_source(source)
+    record = read_finetune(out)
+    if (out / "config.json").exists():
+        if record is None:
+            raise CLIError(f"{str(out)!r} holds a run that is not a fine-tuning run; choose another --out")
+        if record["plan"] != plan.to_json() or Path(record["source"]).resolve() != source.resolve():
+            raise CLIError(f"{str(out)!r} holds a fine-tuning run with other settings ({record['source']}, "
+                           f"{record['plan']['method']}); choose another --out, or delete it")
+    else:
+        start_finetune(source, out, plan)
+    trainer = resume_run(out, progress=progress, description=description or out.name)
+    trainer.resume_command = resume_command or trainer.resume_command
+    record = read_finetune(out)
+    if "val_loss_start" not in record and trainer.step == 0:
+        record = update_finetune(out, val_loss_start=evaluate(trainer.model, trainer.val_batches, "cpu"))
+    if not trainer.fit():
+        return None
+    outputs = write_outputs(out, merge=merge)
+    return update_finetune(out, val_loss_end=trainer.last_val_loss, step_time=median_step_time(out),
+                           outputs=outputs)
+
+
+def cmd_finetune(args) -> int:
+    source, out = Path(args.source), Path(args.out)
+    plan = plan_from_args(args)
+    command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    print(f"moekit finetune: {source} → {out} ({plan.method}"
+          + (f", rank {plan.rank}" if plan.method != "full" else "") + ")", file=sys.stderr)
+    record = run_finetune(source, out, plan, merge=args.merge, resume_command=command)
+    if record is None:
+        return 130
+    if args.report:
+        from ..analysis.report import write_report
+
+        label = "MoE" if _has_routers(out) else "dense"
+        index = write_report({label: out}, out / "report", title=f"moekit finetune: {out.name}")
+        record["outputs"]["report"] = str(index)
+    print(json.dumps({k: record[k] for k in ("source", "trainable_parameters", "parameters", "val_loss_start",
+                                              "val_loss_end", "step_time", "outputs") if k in record}))
+    print(f"done: held-out loss {record['val_loss_start']:.4f} → {record['val_loss_end']:.4f}; "
+          + ", ".join(f"{kind}: {path}" for kind, path in record["outputs"].items()), file=sys.stderr)
+    return 0
+
+
+def _has_routers(run_dir: Path) -> bool:
+    from ..train import read_run_config
+
+    model_config, _, _ = read_run_config(run_dir)
+    adapter = model_config.adapter
+    return model_config.moe is not None or (adapter is not None and adapter.method == "mixlora")
