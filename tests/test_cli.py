@@ -89,7 +89,8 @@ def test_non_causal_router_is_refused(tmp_path, capsys, corpus_dir, router):
 
 def test_demo_trains_both_models_for_each_seed_and_writes_the_report(tmp_path, corpus_dir, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--data", str(corpus_dir), "--out", str(out), "--steps", "3", "--seeds", "2", *TINY]
+    args = ["demo", "--data", str(corpus_dir), "--out", str(out), "--steps", "3", "--seeds", "2", *TINY,
+            "--finetune-steps", "2", "--finetune-data", str(corpus_dir)]
     assert main(args) == 0
     demo = json.loads((out / "demo.json").read_text())
     assert [c["seed"] for c in demo["comparisons"]] == [0, 1]
@@ -99,6 +100,10 @@ def test_demo_trains_both_models_for_each_seed_and_writes_the_report(tmp_path, c
         assert (out / name / "checkpoints" / "latest.json").exists()
     page = (out / "report" / "index.html").read_text()
     assert "Run-to-run spread" in page
+    labels = [r["label"] for r in demo["finetune"]["rows"]]
+    assert labels == ["MoE, frozen", "MoE, LoRA r=8", "MoE, LoRA r=32", "MoE, full", "dense, frozen",
+                      "dense, MixLoRA E=8 K=2 r=8"]
+    assert "Fine-tuning</h2>" in page and "MixLoRA" in page
     capsys.readouterr()
     assert main(args) == 0  # a second run reuses the trained models
     assert capsys.readouterr().err.count("already trained") == 4

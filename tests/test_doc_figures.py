@@ -70,12 +70,42 @@ def test_docs_lm_quotes_the_recorded_demo():
     assert " ".join(quoted.split()) == _demo_sentence(figures)
 
 
-@pytest.mark.slow
-def test_the_demo_still_gives_the_recorded_figures(tmp_path):
-    subprocess.run([sys.executable, "-m", "moekit", "demo", "--threads", "1", "--out", str(tmp_path / "demo")],
+@pytest.fixture(scope="module")
+def fresh_demo(tmp_path_factory) -> Path:
+    """``moekit demo`` as ``make demo`` runs it, once for the slow checks that need it."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    subprocess.run([sys.executable, "-m", "moekit", "demo", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, cwd=ROOT)
-    fresh = json.loads((tmp_path / "demo" / "demo.json").read_text())["comparisons"][0]
+    return out
+
+
+@pytest.mark.slow
+def test_the_demo_still_gives_the_recorded_figures(fresh_demo):
+    fresh = json.loads((fresh_demo / "demo.json").read_text())["comparisons"][0]
     recorded = json.loads((ROOT / "docs" / "figures" / "demo.json").read_text())
     for key in ("moe_val_loss", "dense_val_loss"):
         assert abs(fresh[key] - recorded[key]) < 5e-4, (key, fresh[key], recorded[key])
     assert fresh["moe_steps_to_dense_loss"] == recorded["moe_steps_to_dense_loss"]
+
+
+def _finetune_script():
+    spec = importlib.util.spec_from_file_location("finetune_demo", ROOT / "benchmarks" / "finetune_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_finetune_quotes_the_recorded_fine_tuning_demo():
+    script = _finetune_script()
+    expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
+    assert _page_tables(ROOT / "docs" / "finetune.md", "finetune") == {"table": expected}
+
+
+@pytest.mark.slow
+def test_the_demo_still_gives_the_recorded_fine_tuning_losses(fresh_demo):
+    fresh = _finetune_script().figures_of(fresh_demo)
+    recorded = json.loads(_finetune_script().FIGURES.read_text())
+    for mine, theirs in zip(fresh["rows"], recorded["rows"], strict=True):
+        assert mine["label"] == theirs["label"] and mine["trainable_parameters"] == theirs["trainable_parameters"]
+        assert abs(mine["val_loss"] - theirs["val_loss"]) < 5e-4, (mine, theirs)
+        assert mine["memory_mib"] == theirs["memory_mib"]

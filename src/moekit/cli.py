@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, DEMO_DEFAULTS)
     _add_data_args(p, DEMO_VOCAB_SIZE)
     _add_train_args(p, DEMO_DEFAULTS)
+    g = p.add_argument_group("fine-tuning (after training: the first seed's models adapted to held-out text)")
+    g.add_argument("--finetune-steps", type=int, default=150, metavar="N",
+                   help="steps of each fine-tuning run: LoRA r=8 and 32 and full on the MoE, MixLoRA on the dense "
+                   "model; 0 skips them (default: %(default)s)")
+    g.add_argument("--finetune-data", default="stdlib-tests", metavar="PATH",
+                   help="text to adapt to (default: %(default)s, the standard library's test suites, which the "
+                   "embedded corpus leaves out)")
     p.set_defaults(func=_command("demo", "cmd_demo"))
 
     p = sub.add_parser("upcycle", help="turn a dense run into an MoE run whose experts start as its FFN",
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--experts ({args.experts}) must be >= 0")
     if args.command == "demo" and args.experts < 1:
         parser.error("the demo compares an MoE with a dense model; --experts must be >= 1")
+    if args.command == "demo" and args.finetune_steps < 0:
+        parser.error(f"--finetune-steps ({args.finetune_steps}) must be >= 0")
     keep = args.command != "bench" or args.keep_freed_memory
     if keep and os.environ.get("MOEKIT_KEEP_FREED_MEMORY", "1") != "0":
         from .compute.memory import keep_freed_memory

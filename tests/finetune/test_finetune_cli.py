@@ -55,7 +55,7 @@ def _logits(model, seed=0):
 
 def test_lora_trains_only_the_adapters_and_writes_a_peft_folder_and_a_merged_run(tmp_path, sources, capsys):
     out = tmp_path / "lora"
-    assert _finetune(sources, out, "--rank", "4", "--merge") == 0
+    assert _finetune(sources, out, "--rank", "4", "--targets", "experts,router", "--merge") == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     source, tuned = _load_run(sources["moe"]), _load_run(out)
     assert tuned.config.adapter.method == "lora" and tuned.config.adapter.rank == 4
@@ -63,10 +63,11 @@ def test_lora_trains_only_the_adapters_and_writes_a_peft_folder_and_a_merged_run
     for name, tensor in tuned.state_dict().items():
         if ".lora_" in name:
             continue
-        original = base_keys[name.replace("experts.base.", "experts.")]
+        original = base_keys[name.replace("experts.base.", "experts.").replace("parametrizations.weight.original",
+                                                                               "weight")]
         assert torch.equal(tensor, original), f"{name} changed"
     adapters = {n: p for n, p in tuned.named_parameters() if ".lora_B" in n}
-    assert adapters and all(p.abs().sum() > 0 for p in adapters.values())
+    assert len(adapters) == 3 and all(p.abs().sum() > 0 for p in adapters.values())  # in, out, router
     assert record["trainable_parameters"] == sum(p.numel() for n, p in tuned.named_parameters() if ".lora_" in n)
     # The peft folder on the source's model, and the merged run, compute what the fine-tuned model does.
     load_peft_adapter(source, out / "adapter")

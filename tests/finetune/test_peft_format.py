@@ -111,3 +111,35 @@ def test_a_converted_model_with_adapters_saves_its_base_in_transformers_layout_a
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, adapted(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_adapters_travel_both_ways_through_peft(family, tmp_path):
+    original = _model(family)
+    converted = convert_model(copy.deepcopy(original))
+    add_lora(converted, rank=4, alpha=8, targets=("experts", "router"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in converted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    ids = _ids()
+    with torch.no_grad():
+        expected = converted(ids).logits
+    save_peft_adapter(converted, tmp_path / "moekit")
+    config = json.loads((tmp_path / "moekit" / "adapter_config.json").read_text())
+    assert "mlp.gate.weight" in config["target_parameters"]
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "moekit").eval()
+    loaded = load_peft_adapter(convert_model(copy.deepcopy(original)), tmp_path / "moekit").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, expected, **TOL)
+        torch.testing.assert_close(loaded(ids).logits, expected, **TOL)
+    # And the folder peft writes for the router alone.
+    torch.manual_seed(2)
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                                  target_parameters=["mlp.gate.weight"])
+    theirs = peft.get_peft_model(copy.deepcopy(original), peft_config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_peft_adapter(convert_model(copy.deepcopy(original)), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, **TOL)

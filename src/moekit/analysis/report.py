@@ -171,6 +171,28 @@ def _seed_table(seeds: dict) -> str:
     return f"<h3>Run-to-run spread</h3><table>{head}{''.join(rows)}</table>"
 
 
+def _finetune_table(rows: list[dict], data: str | None) -> str:
+    """The demo's fine-tuning comparison (``moekit.apps.finetune.finetune_comparison``)."""
+    mib = 1 / 2**20
+    body = []
+    for r in rows:
+        memory = r.get("memory")
+        share = r["trainable_parameters"] / r["parameters"]
+        body.append(
+            f"<tr><td>{html.escape(r['label'])}</td><td class=num>{r['trainable_parameters']:,}</td>"
+            f"<td class=num>{100 * share:.1f} %</td><td class=num>{_fmt(r['val_loss'])}</td>"
+            f"<td class=num>{_fmt(r['step_time'] and 1000 * r['step_time'], '.0f')} ms</td>"
+            f"<td class=num>{_fmt(memory and memory['total'] * mib, '.1f')} MiB</td>"
+            f"<td class=num>{_fmt(memory and memory['activations'] * mib, '.1f')} MiB</td></tr>")
+    head = ("<tr><th>model, method</th><th>trainable parameters</th><th>share</th><th>held-out loss</th>"
+            "<th>step time (median)</th><th>training memory</th><th>of which activations</th></tr>")
+    source = html.escape(str(data or "the embedded corpus"))
+    return (f"<table>{head}{''.join(body)}</table><p class=note>Each trained model adapted to <code>{source}</code> "
+            "for the same steps and tokens; held-out loss on that text's held-out files. Training memory counts the "
+            "weights, the gradients and AdamW's two moments of what trains, and the activations one step saves for "
+            "backward. MixLoRA turns dense FFNs into mixtures of LoRA experts, so it adapts the dense model.</p>")
+
+
 def _top_tokens_html(view: RunView) -> str:
     rec = view.routing
     parts = []
@@ -194,11 +216,13 @@ def _visible(text: str) -> str:
 
 
 def write_report(runs: dict[str, Path], out_dir: Path, *, seeds: dict | None = None,
-                 title: str = "moekit report", max_new_tokens: int = 120, progress: bool = True) -> Path:
+                 title: str = "moekit report", max_new_tokens: int = 120, progress: bool = True,
+                 finetune: dict | None = None) -> Path:
     """Write out_dir/index.html and its PNGs for the runs (label → run folder); return the HTML path.
 
     With a run labelled "MoE" and one labelled "dense", the report compares them.
-    ``seeds`` (from the demo) adds the run-to-run table.
+    ``seeds`` (from the demo) adds the run-to-run table, ``finetune`` (``{"data", "rows"}``,
+    from the demo) the fine-tuning comparison.
     """
     style_plots()
     out_dir = Path(out_dir)
@@ -263,6 +287,10 @@ def write_report(runs: dict[str, Path], out_dir: Path, *, seeds: dict | None = N
                 f'that are both frequent there and mostly sent there. · marks a space, ↵ a newline.</p>'
                 + _top_tokens_html(v))
         sections.append((f"experts-{v.slug}", f"What the experts learned {_tag(v.label)}", "", body))
+    if finetune:
+        sections.append(("finetune", "Fine-tuning", "The trained models adapted to text they saw little of: frozen, "
+                         "LoRA on the experts, full fine-tuning, and a mixture of LoRA experts.",
+                         _finetune_table(finetune["rows"], finetune.get("data"))))
     gen_cols = []
     for v in views:
         samples = _generate_samples(v, max_new_tokens)

@@ -179,7 +179,7 @@ def cmd_report(args) -> int:
     if demo_file.exists():
         demo = json.loads(demo_file.read_text())
         runs = {"MoE": run_dir / demo["report_runs"]["MoE"], "dense": run_dir / demo["report_runs"]["dense"]}
-        seeds = demo.get("seeds")
+        seeds, finetune = demo.get("seeds"), demo.get("finetune")
         title = "moekit demo: MoE vs dense language model"
     else:
         if not (run_dir / "config.json").exists():
@@ -191,9 +191,9 @@ def cmd_report(args) -> int:
                 raise CLIError(f"--baseline {args.baseline!r} is not a run folder (it has no config.json)")
             label = "dense" if "MoE" in runs and not _is_moe(baseline) else "baseline"
             runs[label] = baseline
-        seeds, title = None, f"moekit report: {run_dir.name}"
+        seeds, finetune, title = None, None, f"moekit report: {run_dir.name}"
     out = Path(args.out) if args.out else run_dir / "report"
-    index = write_report(runs, out, seeds=seeds, title=title)
+    index = write_report(runs, out, seeds=seeds, title=title, finetune=finetune)
     print(f"report: {index}")
     return 0
 

@@ -76,13 +76,24 @@ def cmd_demo(args) -> int:
         if not report_runs:
             report_runs = {label: path.name for label, path in run_dirs.items()}
     seeds = {"runs": comparisons, "summary": seed_summary(comparisons)} if len(comparisons) > 1 else None
+    finetune = None
+    if args.finetune_steps:
+        from .finetune import finetune_comparison
+
+        rows = finetune_comparison({label: out / name for label, name in report_runs.items()}, out / "finetune",
+                                   steps=args.finetune_steps, data=args.finetune_data, batch_size=args.batch_size)
+        if rows is None:
+            return 130
+        finetune = {"data": args.finetune_data, "steps": args.finetune_steps, "rows": rows}
     demo = {"report_runs": report_runs, "seeds": seeds, "comparisons": comparisons,
             "settings": {k: v for k, v in vars(args).items() if k not in ("func", "seed_value")},
-            "data": prepared.info}
+            "data": prepared.info, "finetune": finetune}
     atomic_write_text(out / "demo.json", json.dumps(demo, indent=2))
     index = write_report({label: out / name for label, name in report_runs.items()}, out / "report",
-                         seeds=seeds, title="moekit demo: MoE vs dense language model")
+                         seeds=seeds, title="moekit demo: MoE vs dense language model", finetune=finetune)
     _print_demo_summary(comparisons, seeds)
+    if finetune:
+        _print_finetune_summary(finetune)
     print(f"report: {index}  ({time.perf_counter() - started:.0f} s in all)", file=sys.stderr)
     return 0
 
@@ -102,4 +113,14 @@ def _print_demo_summary(comparisons: list[dict], seeds: dict | None) -> None:
         print(f"over {s['seeds']} seeds: MoE {s['moe_val_loss']['mean']:.4f} ± {s['moe_val_loss']['std']:.4f}, "
               f"dense {s['dense_val_loss']['mean']:.4f} ± {s['dense_val_loss']['std']:.4f}, "
               f"dense − MoE {d['mean']:+.4f} ± {d['std']:.4f} (MoE better in {d['moe_better_in']}/{d['n']})",
+              file=sys.stderr)
+
+
+def _print_finetune_summary(finetune: dict) -> None:
+    print(f"\nfine-tuned on {finetune['data']} for {finetune['steps']} steps:", file=sys.stderr)
+    print(f"{'model, method':34s} {'trainable':>10s}  held-out loss  step time  training memory", file=sys.stderr)
+    for r in finetune["rows"]:
+        step = "–" if r["step_time"] is None else f"{1000 * r['step_time']:.0f} ms"
+        memory = "–" if r["memory"] is None else f"{r['memory']['total'] / 2**20:.1f} MiB"
+        print(f"{r['label']:34s} {r['trainable_parameters']:>10,}  {r['val_loss']:13.4f}  {step:>9s}  {memory:>15s}",
               file=sys.stderr)

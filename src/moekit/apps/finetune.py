@@ -52,10 +52,12 @@ def run_finetune(source: Path, out: Path, plan, *, merge: bool = False, progress
                  description: str | None = None, resume_command: str | None = None) -> dict | None:
     """Start or continue the fine-tuning run in ``out``; at its end write its outputs and return
     its record (``finetune.json``), or None when it was stopped early."""
+    from ..data import training_batch
     from ..finetune.runs import (
         median_step_time,
         read_finetune,
         start_finetune,
+        training_state_bytes,
         update_finetune,
         write_outputs,
     )
@@ -79,8 +81,10 @@ def run_finetune(source: Path, out: Path, plan, *, merge: bool = False, progress
     if not trainer.fit():
         return None
     outputs = write_outputs(out, merge=merge)
+    x_BS, y_BS = training_batch(trainer.data.train_N, trainer.config.batch_size, trainer.model_config.context_length,
+                                trainer.config.seed, 0)
     return update_finetune(out, val_loss_end=trainer.last_val_loss, step_time=median_step_time(out),
-                           outputs=outputs)
+                           memory=training_state_bytes(trainer.model, x_BS, y_BS), outputs=outputs)
 
 
 def cmd_finetune(args) -> int:
@@ -111,3 +115,50 @@ def _has_routers(run_dir: Path) -> bool:
     model_config, _, _ = read_run_config(run_dir)
     adapter = model_config.adapter
     return model_config.moe is not None or (adapter is not None and adapter.method == "mixlora")
+
+
+# The fine-tuning comparison of ``moekit demo``: the demo's MoE adapted three ways, and
+# its dense twin given mixtures of LoRA experts (MixLoRA adapts dense FFNs).
+DEMO_VARIANTS = (
+    ("LoRA r=8", "MoE", {"method": "lora", "rank": 8}),
+    ("LoRA r=32", "MoE", {"method": "lora", "rank": 32}),
+    ("full", "MoE", {"method": "full"}),
+    ("MixLoRA E=8 K=2 r=8", "dense", {"method": "mixlora", "experts": 8, "top_k": 2, "rank": 8}),
+)
+
+
+def finetune_comparison(runs: dict[str, Path], out: Path, *, steps: int, data: str | None,
+                        batch_size: int = 16) -> list[dict] | None:
+    """Fine-tune the demo's runs (label → run folder) on ``data`` as ``DEMO_VARIANTS`` says, into
+    ``out``; one row per variant, after a frozen row per base model. None when interrupted."""
+    from ..finetune.runs import FinetunePlan
+
+    from ..train import read_run_config
+
+    rows, frozen = [], {}
+    for label, base, fields in DEMO_VARIANTS:
+        model_config, _, _ = read_run_config(runs[base])
+        widths = [model_config.d_model, model_config.moe.d_ff if base == "MoE" else model_config.d_ff]
+        if fields.get("rank", 0) > min(widths):  # a model narrower than the demo's: the widest rank it takes
+            fields = dict(fields, rank=min(widths))
+            label = label.split(" r=")[0] + f" r={min(widths)}"
+        rank = fields.get("rank", 8)
+        lr = 5e-4 if fields["method"] == "full" else 3e-3
+        plan = FinetunePlan(data=data, steps=steps, lr=lr, alpha=2.0 * rank, batch_size=batch_size,
+                            eval_every=max(steps // 5, 1), checkpoint_every=max(steps // 2, 1), **fields)
+        slug = label.split(" ")[0].lower() + ("" if "rank" not in fields else f"-r{rank}")
+        folder = f"{base.lower()}-{slug}"
+        record = run_finetune(runs[base], out / folder, plan, description=f"finetune {label}")
+        if record is None:
+            return None
+        if base not in frozen:
+            memory = record["memory"]
+            frozen[base] = {"label": f"{base}, frozen", "base": base, "method": "frozen", "trainable_parameters": 0,
+                            "parameters": record["parameters"], "val_loss": record["val_loss_start"],
+                            "step_time": None, "memory": None, "weights_bytes": memory["weights"]}
+            rows.append(frozen[base])
+        rows.append({"label": f"{base}, {label}", "base": base, "method": fields["method"],
+                     "trainable_parameters": record["trainable_parameters"], "parameters": record["parameters"],
+                     "val_loss": record["val_loss_end"], "val_loss_start": record["val_loss_start"],
+                     "step_time": record["step_time"], "memory": record["memory"], "run": folder})
+    return rows

@@ -15,9 +15,10 @@ adapters; ``adapter_state_dict(model)`` is the adapters alone.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..experts.lora import LoRAExperts
-from ..models.adapters import TARGETS, add_lora, lora_sites
+from ..models.adapters import TARGETS, add_lora, lora_sites, router_update
 
 
 def lora_experts(model: nn.Module) -> list[tuple[str, LoRAExperts]]:
@@ -26,14 +27,17 @@ def lora_experts(model: nn.Module) -> list[tuple[str, LoRAExperts]]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapters' tensors by their qualified names (``….experts.lora_A_in``, …)."""
-    return {f"{name}.{p_name}": p.detach() for name, m in lora_experts(model)
-            for p_name, p in m.named_parameters(recurse=False)}
+    """The adapters' tensors by their qualified names (``….experts.lora_A_in``,
+    ``….router.parametrizations.weight.0.lora_A``, …)."""
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weights and put the plain experts back, in place."""
     for module in list(model.modules()):
+        if router_update(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight.requires_grad_(True)
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRAExperts):
                 setattr(module, child_name, child.merged_experts())

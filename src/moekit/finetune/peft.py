@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..experts.lora import LoRAExperts
 from ..layer import MoE, moe_layers
+from ..models.adapters import router_update
 from .lora import add_lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -40,23 +41,25 @@ PREFIX = "base_model.model."
 # moekit projection → the stacked weight it adapts, in transformers' MoE blocks and in moekit's.
 HF_WEIGHTS = {"in": "gate_up_proj", "out": "down_proj"}
 MOEKIT_WEIGHTS = {"in": "w_in", "out": "w_out"}
+# The router's module: transformers' MoE blocks call it ``gate`` (its ``weight`` is (E, D)).
+HF_ROUTER, MOEKIT_ROUTER = "gate", "router"
 _UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
                         "alpha_pattern", "layers_to_transform", "trainable_token_indices")
 
 
-def _adapted_layers(model: nn.Module) -> tuple[list[tuple[str, MoE]], dict[str, str]]:
+def _adapted_layers(model: nn.Module) -> tuple[list[tuple[str, MoE]], dict[str, str], str]:
     """The model's MoE layers under the names peft gives the modules holding their experts'
-    stacked weights, and those weights' names by moekit projection."""
+    stacked weights, those weights' names by moekit projection, and the router's module name."""
     from ..interop.hf_models import HFMoEBlock
 
     blocks = [(name, m.moe) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
     if blocks:  # a converted transformers model: its own module and weight names
-        return blocks, HF_WEIGHTS
+        return blocks, HF_WEIGHTS, HF_ROUTER
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layer; peft adapters are written for moekit models "
                          "and converted transformers models (moekit.interop.hf.convert_model)")
-    return layers, MOEKIT_WEIGHTS
+    return layers, MOEKIT_WEIGHTS, MOEKIT_ROUTER
 
 
 def _peft_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,10 +87,11 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
     """Write the model's expert adapters as a peft LoRA folder for the original transformers model."""
     from safetensors.torch import save_file
 
-    blocks, weights = _adapted_layers(model)
+    blocks, weights, router_name = _adapted_layers(model)
     adapted = [(name, moe.experts) for name, moe in blocks if isinstance(moe.experts, LoRAExperts)]
-    if not adapted:
-        raise ValueError("the model has no LoRA adapters on its experts; call add_lora first")
+    routers = [(name, router_update(moe.router)) for name, moe in blocks if router_update(moe.router) is not None]
+    if not adapted and not routers:
+        raise ValueError("the model has no LoRA adapters on its experts or routers; call add_lora first")
     if any(lora.shared_base for _, lora in adapted):
         raise ValueError("mixtures of LoRA experts have no peft form (peft has no router over adapters); "
                          "the run's checkpoint holds them, merge_lora turns them into plain experts")
@@ -95,12 +99,15 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
            for m in moe.shared_experts.modules()):
         raise ValueError("adapters on shared experts have no peft target_parameters form; add_lora with "
                          "targets=('experts',) for a peft folder")
-    first = adapted[0][1]
-    settings = {(lora.rank, lora.alpha, lora.rslora, lora.projections) for _, lora in adapted}
-    if len(settings) > 1 or len(adapted) != len(blocks):
+    settings = {(m.rank, m.alpha, m.rslora) for _, m in adapted + routers}
+    projections = {lora.projections for _, lora in adapted}
+    if len(settings) > 1 or len(projections) > 1 or len(adapted) not in (0, len(blocks)) \
+            or len(routers) not in (0, len(blocks)):
         raise ValueError("peft's format holds one rank, alpha and target list for every layer; the model's "
-                         f"adapters differ: {sorted(settings)} on {len(adapted)} of {len(blocks)} MoE layers")
-    tensors = {}
+                         f"adapters differ: {sorted(settings)}, projections {sorted(projections)}, on "
+                         f"{len(adapted)} and {len(routers)} (routers) of {len(blocks)} MoE layers")
+    (rank, alpha, rslora), = settings
+    tensors, targets = {}, set()
     for name, lora in adapted:
         prefixes = _key_prefixes(name, lora.projections)
         for projection in lora.projections:
@@ -108,12 +115,17 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
             peft_A, peft_B = _peft_factors(A.detach(), B.detach())
             tensors[prefixes[projection] + "lora_A.weight"] = peft_A.contiguous().cpu()
             tensors[prefixes[projection] + "lora_B.weight"] = peft_B.contiguous().cpu()
+            targets.add(f"{name.rsplit('.', 1)[-1]}.experts.{weights[projection]}")
+    for name, update in routers:  # a 2-D weight: peft's plain (r, in) and (out, r) factors
+        prefix = f"{PREFIX}{name}.{router_name}."
+        tensors[prefix + "lora_A.weight"] = update.lora_A.detach().contiguous().cpu()
+        tensors[prefix + "lora_B.weight"] = update.lora_B.detach().contiguous().cpu()
+        targets.add(f"{name.rsplit('.', 1)[-1]}.{router_name}.weight")
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": first.rank, "lora_alpha": first.alpha, "use_rslora": first.rslora, "lora_dropout": 0.0,
+        "r": rank, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": [], "target_parameters": sorted({f"{name.rsplit('.', 1)[-1]}.experts.{weights[p]}"
-                                                           for name, _ in adapted for p in first.projections}),
+        "target_modules": [], "target_parameters": sorted(targets),
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,58 +153,84 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _projections(config: dict, path: Path, weights: dict[str, str]) -> tuple[str, ...]:
+def _targets(config: dict, path: Path, weights: dict[str, str], router_name: str) -> tuple[tuple[str, ...], bool]:
+    """The expert projections the folder adapts, and whether it adapts the routers."""
     by_weight = {w: p for p, w in weights.items()}
-    projections = []
+    projections, router = [], False
     for target in config.get("target_parameters") or []:
-        weight = str(target).rsplit(".", 1)[-1]
-        if weight not in by_weight or "experts" not in str(target):
-            raise ValueError(f"{path}: target parameter {target!r} is not a stacked expert weight "
-                             f"(experts.{' or experts.'.join(weights.values())})")
-        projections.append(by_weight[weight])
-    if not projections:
+        parts = str(target).split(".")
+        if parts[-2:] == [router_name, "weight"]:
+            router = True
+            continue
+        if parts[-1] not in by_weight or "experts" not in parts:
+            raise ValueError(f"{path}: target parameter {target!r} is neither a stacked expert weight "
+                             f"(experts.{' or experts.'.join(weights.values())}) nor a router's ({router_name}.weight)")
+        projections.append(by_weight[parts[-1]])
+    if not projections and not router:
         raise ValueError(f"{path}: no target_parameters; nothing for moekit's expert adapters to load")
     # peft may save the list in any order; its nesting follows the block's parameter order.
-    return tuple(p for p in weights if p in projections)
+    return tuple(p for p in weights if p in projections), router
+
+
+def _take(tensors: dict[str, Tensor], keys: tuple[str, str], path: Path) -> tuple[Tensor, Tensor]:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: no {missing[0]} (the folder does not fit this model)")
+    return tensors[keys[0]], tensors[keys[1]]
+
+
+def _copy_factors(name: str, pairs, key: str) -> None:
+    for target, value in pairs:
+        if value.shape != target.shape:
+            raise ValueError(f"{name}: {key} gives a factor of shape {tuple(value.shape)}; the model needs "
+                             f"{tuple(target.shape)}")
+        target.copy_(value)
 
 
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
-    """Load a peft LoRA folder targeting the stacked expert weights onto a converted model
-    (adding the adapters when the model has none); returns the model."""
+    """Load a peft LoRA folder targeting the stacked expert weights (and routers) onto a moekit
+    or converted model (adding the adapters when the model has none); returns the model."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config = _read_config(folder)
-    blocks, weights = _adapted_layers(model)
-    projections = _projections(config, folder / CONFIG_FILE, weights)
-    tensors = load_file(str(folder / WEIGHTS_FILE)) if (folder / WEIGHTS_FILE).is_file() else None
-    if tensors is None:
+    blocks, weights, router_name = _adapted_layers(model)
+    projections, router = _targets(config, folder / CONFIG_FILE, weights, router_name)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
         raise ValueError(f"{str(folder)!r} has no {WEIGHTS_FILE}")
-    if not any(isinstance(moe.experts, LoRAExperts) for _, moe in blocks):
-        add_lora(model, int(config["r"]), float(config["lora_alpha"]),
-                 projections=tuple(p for p in ("in", "out") if p in projections),
+    tensors = load_file(str(path))
+    rank = int(config["r"])
+    has_experts = any(isinstance(moe.experts, LoRAExperts) for _, moe in blocks)
+    has_routers = any(router_update(moe.router) is not None for _, moe in blocks)
+    if not has_experts and not has_routers:
+        add_lora(model, rank, float(config["lora_alpha"]), targets=("experts",) * bool(projections)
+                 + ("router",) * router, projections=projections or ("in", "out"),
                  rslora=bool(config.get("use_rslora", False)))
     used = set()
     for name, moe in blocks:
-        lora = moe.experts
-        if not isinstance(lora, LoRAExperts) or lora.rank != int(config["r"]):
-            raise ValueError(f"{name}: the model's adapters ({getattr(lora, 'rank', 'none')}) differ from the "
-                             f"folder's rank {config['r']}")
-        for projection, prefix in _key_prefixes(name, projections).items():
+        if projections:
+            lora = moe.experts
+            if not isinstance(lora, LoRAExperts) or lora.rank != rank:
+                raise ValueError(f"{name}: the model's expert adapters ({getattr(lora, 'rank', 'none')}) differ "
+                                 f"from the folder's rank {rank}")
+            for projection, prefix in _key_prefixes(name, projections).items():
+                keys = (prefix + "lora_A.weight", prefix + "lora_B.weight")
+                A, B = _moekit_factors(*_take(tensors, keys, path), lora.num_experts)
+                _copy_factors(name, [(getattr(lora, f"lora_A_{projection}"), A),
+                                     (getattr(lora, f"lora_B_{projection}"), B)], keys[0])
+                used.update(keys)
+        if router:
+            update = router_update(moe.router)
+            if update is None or update.rank != rank:
+                raise ValueError(f"{name}: the model's router has no rank-{rank} adapter to load into")
+            prefix = f"{PREFIX}{name}.{router_name}."
             keys = (prefix + "lora_A.weight", prefix + "lora_B.weight")
-            missing = [k for k in keys if k not in tensors]
-            if missing:
-                raise ValueError(f"{folder / WEIGHTS_FILE}: no {missing[0]} (the folder does not fit this model)")
-            A, B = _moekit_factors(tensors[keys[0]], tensors[keys[1]], lora.num_experts)
-            target_A, target_B = getattr(lora, f"lora_A_{projection}"), getattr(lora, f"lora_B_{projection}")
-            if A.shape != target_A.shape or B.shape != target_B.shape:
-                raise ValueError(f"{name}: {keys[0]} gives A {tuple(A.shape)} and B {tuple(B.shape)}; the experts "
-                                 f"need {tuple(target_A.shape)} and {tuple(target_B.shape)}")
-            target_A.copy_(A)
-            target_B.copy_(B)
+            A, B = _take(tensors, keys, path)
+            _copy_factors(name, [(update.lora_A, A), (update.lora_B, B)], keys[0])
             used.update(keys)
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: tensors the model has no place for: {', '.join(unused[:4])}")
+        raise ValueError(f"{path}: tensors the model has no place for: {', '.join(unused[:4])}")
     return model

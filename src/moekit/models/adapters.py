@@ -23,11 +23,13 @@ Shapes: D model dim, F hidden dim, H first projection width, E experts, K top-k.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..config import MoEConfig
 from ..experts.lora import PROJECTIONS, LoRAExperts, check_rank
@@ -35,7 +37,7 @@ from ..experts.shared_base import SharedBaseExperts
 from ..layer import MoE, moe_layers
 from ..routing import router_class
 
-TARGETS = ("experts", "shared")
+TARGETS = ("experts", "shared", "router")
 METHODS = ("lora", "mixlora")
 
 
@@ -46,13 +48,57 @@ def _check_targets(targets: tuple[str, ...]) -> None:
 
 
 def lora_sites(model: nn.Module, targets: tuple[str, ...] = ("experts",)) -> Iterator[tuple[str, nn.Module, str]]:
-    """(qualified name, parent module, attribute) of every experts module LoRA adapts."""
+    """(qualified name, parent module, attribute) of every experts module LoRA adapts, and of
+    every router whose ``weight`` it adapts (attribute ``weight``)."""
     for name, moe in moe_layers(model):
         prefix = f"{name}." if name else ""
         if "experts" in targets:
             yield f"{prefix}experts", moe, "experts"
         if "shared" in targets and moe.shared_experts is not None:
             yield f"{prefix}shared_experts.ffn", moe.shared_experts, "ffn"
+        if "router" in targets:
+            yield f"{prefix}router", moe.router, "weight"
+
+
+class LowRankUpdate(nn.Module):
+    """A parametrization ``weight ↦ weight + s·B·A`` of a 2-D weight (out, in): LoRA on a router.
+
+    A (r, in) starts like ``nn.Linear``'s weight and B (out, r) at zero, so the router
+    starts as it was; ``torch.nn.utils.parametrize`` keeps the weight frozen under
+    ``parametrizations.weight.original`` and every read of ``router.weight`` adds the update.
+    """
+
+    def __init__(self, weight: Tensor, rank: int, alpha: float, rslora: bool = False):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.rank, self.alpha, self.rslora = rank, float(alpha), bool(rslora)
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        bound = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+def router_update(router: nn.Module) -> LowRankUpdate | None:
+    """The router's LoRA parametrization, if it has one."""
+    if not parametrize.is_parametrized(router, "weight"):
+        return None
+    return next((m for m in router.parametrizations.weight if isinstance(m, LowRankUpdate)), None)
+
+
+def _add_router_lora(name: str, router: nn.Module, rank: int, alpha: float, rslora: bool) -> None:
+    if router_update(router) is not None:
+        raise ValueError(f"add_lora: {name} already has LoRA adapters")
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        raise TypeError(f"add_lora: {name} ({type(router).__name__}) has no (experts, d_model) weight to adapt")
+    check_rank(rank, widths=tuple(weight.shape), where=f"LoRA on {name}")
+    parametrize.register_parametrization(router, "weight", LowRankUpdate(weight, rank, alpha, rslora))
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, *, targets: tuple[str, ...] = ("experts",),
@@ -62,7 +108,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, *, targets: t
 
     Args:
         rank, alpha, projections, rslora: as ``LoRAExperts``.
-        targets: ``"experts"`` (the routed experts) and/or ``"shared"`` (shared experts).
+        targets: ``"experts"`` (the routed experts), ``"shared"`` (shared experts) and/or
+            ``"router"`` (each router's weight, as a parametrization: ``LowRankUpdate``).
         freeze_rest: set requires_grad False on every parameter but the adapters.
 
     Returns the model. Raises ``ValueError`` when the model has no MoE layer, and
@@ -76,6 +123,9 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, *, targets: t
     if freeze_rest:
         model.requires_grad_(False)
     for name, parent, attribute in sites:
+        if attribute == "weight":
+            _add_router_lora(name, parent, rank, alpha, rslora)
+            continue
         experts = getattr(parent, attribute)
         if isinstance(experts, LoRAExperts):
             raise ValueError(f"add_lora: {name} already has LoRA adapters")
@@ -127,7 +177,7 @@ class AdapterConfig:
         method: ``lora`` (adapters on the MoE layers' experts) or ``mixlora`` (each
             dense FFN becomes a router over ``num_experts`` LoRA experts sharing it).
         rank, alpha, rslora: the adapters' rank and scale (alpha / rank, or alpha / √rank).
-        targets: ``lora``: ``experts`` and/or ``shared``.
+        targets: ``lora``: ``experts``, ``shared`` and/or ``router``.
         num_experts, top_k, router, load_balance_coef, z_loss_coef: ``mixlora``'s layers.
     """
 
