@@ -132,7 +132,6 @@ def finetune_comparison(runs: dict[str, Path], out: Path, *, steps: int, data: s
     """Fine-tune the demo's runs (label → run folder) on ``data`` as ``DEMO_VARIANTS`` says, into
     ``out``; one row per variant, after a frozen row per base model. None when interrupted."""
     from ..finetune.runs import FinetunePlan
-
     from ..train import read_run_config
 
     rows, frozen = [], {}
