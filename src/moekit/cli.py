@@ -303,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_command("surgery", "cmd_prune"))
 
     p = sub.add_parser("finetune", help="adapt a trained run to new text: LoRA, mixture of LoRA experts or full",
-                       description="Fine-tune SOURCE (a moekit run folder) on --data (default: the embedded corpus) "
+                       description="Fine-tune SOURCE (a moekit run folder, or a Hugging Face MoE model's local "
+                       "folder: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3) on --data (default: the embedded corpus) "
                        "into the run folder OUT: LoRA on the MoE layers' experts, a mixture of LoRA experts in place "
                        "of each dense FFN (mixlora), or every weight (full). The same command again continues OUT "
                        "from its latest checkpoint. At the end OUT/adapter holds the LoRA adapters in peft's format, "
                        "and with --merge OUT/merged the model with the updates folded into its weights.")
-    p.add_argument("source", metavar="SOURCE", help="the trained run folder to start from (only read)")
+    p.add_argument("source", metavar="SOURCE", help="the trained run folder, or a Hugging Face MoE model's "
+                   "save_pretrained folder (with its tokenizer.json), to start from (only read)")
     p.add_argument("--out", required=True, metavar="OUT", help="the fine-tuning run folder")
     p.add_argument("--method", choices=("lora", "mixlora", "full"), default="lora",
                    help="what trains (default: %(default)s)")
@@ -328,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stdlib-tests (the standard library's test suites, which the embedded corpus leaves out); "
                    "default: the embedded corpus")
     g.add_argument("--val-fraction", type=float, default=0.2, help="share of that text held out (default: %(default)s)")
+    g.add_argument("--context-length", type=_positive_int, default=128,
+                   help="tokens per window for a Hugging Face model (a moekit run keeps its own; default: %(default)s)")
     g.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: %(default)s)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 for adapters, "
                    "5e-4 for full)")

@@ -131,7 +131,7 @@ def test_full_finetuning_trains_every_weight(tmp_path, sources):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist"),
-    ("hf", "is a Hugging Face model folder"),
+    ("hf", "has no tokenizer.json"),
     ("rank", "rank (64) must be <= 32"),
     ("lora-on-dense", "this model is dense"),
     ("other-settings", "holds a fine-tuning run with other settings"),

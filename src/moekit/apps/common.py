@@ -154,10 +154,13 @@ def new_run_folder(out: str | None) -> Path:
 
 def load_model(run_dir: str):
     from ..data import load_tokenizer
-    from ..models.lm import LanguageModel
+    from ..models.lm import LanguageModel, LMConfig
     from ..train import latest_checkpoint, load_checkpoint, read_run_config
 
     model_config, train_config, data_info = read_run_config(Path(run_dir))
+    if not isinstance(model_config, LMConfig):
+        raise CLIError(f"{run_dir!r} fine-tunes the Hugging Face model in {model_config.folder!r}; use its adapter "
+                       f"({run_dir}/adapter, peft's format) or its merged folder with transformers")
     folder = latest_checkpoint(Path(run_dir))
     if folder is None:
         raise CLIError(f"{run_dir!r} has no checkpoint yet; train it first (moekit train --out {run_dir})")

@@ -1,4 +1,5 @@
-"""``moekit finetune SOURCE --out OUT``: adapt a trained run to new text.
+"""``moekit finetune SOURCE --out OUT``: adapt a trained run, or a Hugging Face MoE model
+saved in a local folder, to new text.
 
 LoRA on the experts, a mixture of LoRA experts in place of the dense FFNs, or full
 fine-tuning (``moekit.finetune.runs``). OUT is a run folder like any other: the same
@@ -17,24 +18,27 @@ from pathlib import Path
 from .common import CLIError
 
 
-def _check_source(source: Path) -> None:
+def _source_kind(source: Path) -> str:
+    """``moekit`` (a run folder) or ``hf`` (a transformers save_pretrained folder); a one-line
+    error for anything else."""
+    expected = "a moekit run folder (moekit train --out DIR) or a Hugging Face model folder (save_pretrained)"
     if not source.exists():
-        raise CLIError(f"{str(source)!r} does not exist; expected a moekit run folder (moekit train --out DIR)")
+        raise CLIError(f"{str(source)!r} does not exist; expected {expected}")
     if not source.is_dir():
-        raise CLIError(f"{str(source)!r} is a file; expected a moekit run folder (moekit train --out DIR)")
+        raise CLIError(f"{str(source)!r} is a file; expected {expected}")
     config_path = source / "config.json"
     if not config_path.exists():
-        raise CLIError(f"{str(source)!r} holds no config.json: it is not a run folder")
+        raise CLIError(f"{str(source)!r} holds no config.json; expected {expected}")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise CLIError(f"{config_path}: not valid JSON ({error.msg})") from None
     if "model_type" in config:
-        raise CLIError(f"{str(source)!r} is a Hugging Face model folder ({config['model_type']!r}); moekit finetune "
-                       "reads moekit run folders: convert it in Python (moekit.interop.hf.load_pretrained, then "
-                       "moekit.finetune.add_lora) and train it with your loop or transformers' Trainer")
+        return "hf"
     if "model" not in config or "train" not in config:
-        raise CLIError(f"{config_path} is neither a moekit run's config (model, train) nor a Hugging Face config")
+        raise CLIError(f"{config_path} is neither a moekit run's config (model, train) nor a Hugging Face config "
+                       "(model_type)")
+    return "moekit"
 
 
 def plan_from_args(args):
@@ -49,21 +53,24 @@ def plan_from_args(args):
 
 
 def run_finetune(source: Path, out: Path, plan, *, merge: bool = False, progress: bool = True,
-                 description: str | None = None, resume_command: str | None = None) -> dict | None:
+                 description: str | None = None, resume_command: str | None = None,
+                 context_length: int = 128) -> dict | None:
     """Start or continue the fine-tuning run in ``out``; at its end write its outputs and return
     its record (``finetune.json``), or None when it was stopped early."""
     from ..data import training_batch
     from ..finetune.runs import (
+        build_model,
         median_step_time,
         read_finetune,
         start_finetune,
+        start_hf_finetune,
         training_state_bytes,
         update_finetune,
         write_outputs,
     )
-    from ..train import evaluate, resume_run
+    from ..train import evaluate, read_run_config, resume_run
 
-    _check_source(source)
+    kind = _source_kind(source)
     record = read_finetune(out)
     if (out / "config.json").exists():
         if record is None:
@@ -71,9 +78,14 @@ def run_finetune(source: Path, out: Path, plan, *, merge: bool = False, progress
         if record["plan"] != plan.to_json() or Path(record["source"]).resolve() != source.resolve():
             raise CLIError(f"{str(out)!r} holds a fine-tuning run with other settings ({record['source']}, "
                            f"{record['plan']['method']}); choose another --out, or delete it")
+    elif kind == "hf":
+        start_hf_finetune(source, out, plan, context_length)
     else:
         start_finetune(source, out, plan)
-    trainer = resume_run(out, progress=progress, description=description or out.name)
+    model_config, train_config, _ = read_run_config(out)
+    # A converted Hugging Face model is built here; moekit's own model, by the trainer from its config.
+    model = build_model(model_config, train_config.seed) if kind == "hf" else None
+    trainer = resume_run(out, progress=progress, description=description or out.name, model=model)
     trainer.resume_command = resume_command or trainer.resume_command
     record = read_finetune(out)
     if "val_loss_start" not in record and trainer.step == 0:
@@ -93,10 +105,11 @@ def cmd_finetune(args) -> int:
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     print(f"moekit finetune: {source} → {out} ({plan.method}"
           + (f", rank {plan.rank}" if plan.method != "full" else "") + ")", file=sys.stderr)
-    record = run_finetune(source, out, plan, merge=args.merge, resume_command=command)
+    record = run_finetune(source, out, plan, merge=args.merge, resume_command=command,
+                          context_length=args.context_length)
     if record is None:
         return 130
-    if args.report:
+    if args.report and _source_kind(source) == "moekit":  # the report reads moekit's own models
         from ..analysis.report import write_report
 
         label = "MoE" if _has_routers(out) else "dense"
@@ -114,7 +127,7 @@ def _has_routers(run_dir: Path) -> bool:
 
     model_config, _, _ = read_run_config(run_dir)
     adapter = model_config.adapter
-    return model_config.moe is not None or (adapter is not None and adapter.method == "mixlora")
+    return getattr(model_config, "moe", None) is not None or (adapter is not None and adapter.method == "mixlora")
 
 
 # The fine-tuning comparison of ``moekit demo``: the demo's MoE adapted three ways, and

@@ -48,6 +48,10 @@ class ByteTokenizer:
         path.write_text(json.dumps({"moekit_tokenizer": "bytes"}))
 
 
+# End-of-sequence tokens of common Hugging Face tokenizers (Llama/Mistral, Qwen, Llama 3, Gemma).
+_OTHER_EOS_TOKENS = ("</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
+
+
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation) from the `tokenizers` library."""
 
@@ -56,7 +60,11 @@ class BPETokenizer:
     def __init__(self, tokenizer) -> None:
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        self.eot_id = tokenizer.token_to_id(EOT)
+        # moekit's own, else the end-of-sequence token of a Hugging Face model's tokenizer.
+        self.eot_id = next((i for i in map(tokenizer.token_to_id, (EOT, *_OTHER_EOS_TOKENS)) if i is not None), None)
+        if self.eot_id is None:
+            raise ValueError(f"the tokenizer has no end-of-text token ({EOT} or one of "
+                             f"{', '.join(_OTHER_EOS_TOKENS)}) to separate documents with")
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:

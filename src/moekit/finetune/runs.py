@@ -27,9 +27,20 @@ from torch import nn
 
 from ..layer import moe_layers
 from ..models.adapters import AdapterConfig, apply_adapter
-from ..models.lm import LanguageModel
-from ..train import fork_run, latest_checkpoint, load_checkpoint, read_metrics, read_run_config
+from ..models.hf_spec import HFModelSpec
+from ..models.lm import LanguageModel, LMConfig
+from ..train import (
+    DataConfig,
+    TrainConfig,
+    fork_run,
+    latest_checkpoint,
+    load_checkpoint,
+    new_run,
+    read_metrics,
+    read_run_config,
+)
 from ..train.checkpoint import atomic_write_text
+from ..train.run import TOKENIZER_FILE
 from .lora import merge_lora, trainable_parameters
 
 FINETUNE_FILE = "finetune.json"
@@ -82,14 +93,66 @@ class FinetunePlan:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _load_run(run_dir: Path) -> LanguageModel:
-    model_config, _, _ = read_run_config(run_dir)
+def build_model(model_config: LMConfig | HFModelSpec, seed: int = 0) -> nn.Module:
+    """The model a run's config describes, its adapters drawn from ``seed``: moekit's
+    ``LanguageModel``, or the converted Hugging Face model of an ``HFModelSpec``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(model_config, HFModelSpec):
+            from ..interop.hf_lm import build_hf_model
+
+            return build_hf_model(model_config)
+        return LanguageModel(model_config)
+
+
+def _load_run(run_dir: Path) -> nn.Module:
+    model_config, train_config, _ = read_run_config(run_dir)
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet; train it first")
-    model = LanguageModel(model_config)
+    model = build_model(model_config, train_config.seed)
     load_checkpoint(folder, model)
     return model
+
+
+def _train_config(plan: FinetunePlan, source_train: TrainConfig) -> TrainConfig:
+    adapted = plan.method != "full"
+    return dataclasses.replace(
+        source_train, steps=plan.steps, lr=plan.lr, min_lr=plan.lr / 10, warmup_steps=max(plan.steps // 10, 1),
+        batch_size=plan.batch_size, seed=plan.seed, grad_accumulation=plan.grad_accumulation,
+        eval_every=min(plan.eval_every, plan.steps), checkpoint_every=min(plan.checkpoint_every, plan.steps),
+        log_every=min(source_train.log_every, plan.steps), stage="full", freeze_old_experts=0,
+        # Decay would pull the adapters towards zero, i.e. back to the base: peft's default is none too.
+        weight_decay=0.0 if adapted else source_train.weight_decay)
+
+
+def start_hf_finetune(folder: Path, out: Path, plan: FinetunePlan, context_length: int = 128) -> None:
+    """Write ``out``: the converted model of the Hugging Face ``folder`` with the plan's
+    adapters, at step 0, tokenizing the plan's text with the folder's tokenizer."""
+    from transformers import AutoConfig
+
+    folder, out = Path(folder).resolve(), Path(out)
+    if plan.method == "mixlora":
+        raise ValueError("mixlora turns dense FFNs into mixtures of LoRA experts; on a Hugging Face MoE model "
+                         "use lora (its experts and routers) or full")
+    tokenizer_file = folder / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise ValueError(f"{str(folder)!r} has no {TOKENIZER_FILE} (the `tokenizers` file save_pretrained writes "
+                         "for fast tokenizers); moekit tokenizes the fine-tuning text with it")
+    vocab_size = int(AutoConfig.from_pretrained(folder, local_files_only=True).vocab_size)
+    spec = HFModelSpec(folder=str(folder), vocab_size=vocab_size, context_length=context_length,
+                       adapter=plan.adapter())
+    model = build_model(spec, plan.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
+    train_config = _train_config(plan, TrainConfig(log_every=10))
+    data_config = DataConfig(data=plan.data, tokenizer="bpe", vocab_size=vocab_size, val_fraction=plan.val_fraction)
+    trainer = new_run(out, spec, train_config, data_config, model=model, tensorboard=False, progress=False)
+    trainer.save()  # step 0: a rerun continues from here
+    trainer.metrics.close()
+    record = {"source": str(folder), "kind": "hf", "plan": plan.to_json(),
+              "trainable_parameters": trainable_parameters(model), "parameters": model.num_parameters()}
+    atomic_write_text(out / FINETUNE_FILE, json.dumps(record, indent=2))
 
 
 def adapt(model: LanguageModel, plan: FinetunePlan) -> LanguageModel:
@@ -111,15 +174,7 @@ def start_finetune(source: Path, out: Path, plan: FinetunePlan) -> None:
     source, out = Path(source), Path(out)
     _, source_train, _ = read_run_config(source)
     model = adapt(_load_run(source), plan)
-    adapted = plan.method != "full"
-    train_config = dataclasses.replace(
-        source_train, steps=plan.steps, lr=plan.lr, min_lr=plan.lr / 10, warmup_steps=max(plan.steps // 10, 1),
-        batch_size=plan.batch_size, seed=plan.seed, grad_accumulation=plan.grad_accumulation,
-        eval_every=min(plan.eval_every, plan.steps), checkpoint_every=min(plan.checkpoint_every, plan.steps),
-        log_every=min(source_train.log_every, plan.steps), stage="full", freeze_old_experts=0,
-        # Decay would pull the adapters towards zero, i.e. back to the base: peft's default is none too.
-        weight_decay=0.0 if adapted else source_train.weight_decay)
-    fork_run(source, out, model, train_config, data=plan.data, val_fraction=plan.val_fraction)
+    fork_run(source, out, model, _train_config(plan, source_train), data=plan.data, val_fraction=plan.val_fraction)
     record = {"source": str(source), "plan": plan.to_json(), "trainable_parameters": trainable_parameters(model),
               "parameters": sum(p.numel() for p in model.parameters())}
     atomic_write_text(out / FINETUNE_FILE, json.dumps(record, indent=2))
@@ -191,10 +246,19 @@ def write_outputs(run_dir: Path, *, merge: bool = False) -> dict[str, str]:
     model = _load_run(run_dir)
     written = {}
     adapter = model.config.adapter
+    hf_model = getattr(model, "hf_model", None)  # a converted Hugging Face model (HFCausalLM)
     if adapter is not None and adapter.method == "lora":
-        written["adapter"] = str(save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(
-            (read_finetune(run_dir) or {}).get("source"))))
-    if merge:
+        written["adapter"] = str(save_peft_adapter(model if hf_model is None else hf_model, run_dir / "adapter",
+                                                   base_model_name_or_path=(read_finetune(run_dir) or {}).get("source")))
+    if merge and hf_model is not None:
+        from ..interop.hf_models import export_model
+
+        merge_lora(hf_model)
+        merged = run_dir / "merged"
+        export_model(hf_model).save_pretrained(merged)
+        shutil.copyfile(run_dir / TOKENIZER_FILE, merged / TOKENIZER_FILE)
+        written["merged"] = str(merged)
+    elif merge:
         merged_config = _merged_config(model)
         merge_lora(model)
         model.config = merged_config

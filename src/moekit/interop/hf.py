@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..config import MoEConfig
 from ..layer import MoE
@@ -196,10 +197,18 @@ class _Plain:
         self.tensor.copy_(value)
 
 
+def _router_weight(moe: MoE) -> Tensor:
+    """The router's own weight: under a LoRA parametrization, the frozen original (the
+    adapter is saved apart, as the experts' are)."""
+    if parametrize.is_parametrized(moe.router, "weight"):
+        return moe.router.parametrizations.weight.original
+    return moe.router.weight
+
+
 def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair, Tensor]]:
     """(transformers slot, moekit tensor) for every weight the two hold in common."""
     if type(block).__name__ == "SwitchTransformersSparseMLP":
-        pairs = [(_Plain(block.router.classifier.weight), moe.router.weight)]
+        pairs = [(_Plain(block.router.classifier.weight), _router_weight(moe))]
         if block.router.classifier.bias is not None:
             pairs.append((_Plain(block.router.classifier.bias), moe.router.logit_bias))
         for e in range(moe.config.num_experts):
@@ -208,7 +217,7 @@ def _weight_pairs(block: nn.Module, moe: MoE) -> list[tuple[_Plain | _GatedPair,
             pairs.append((_Plain(expert.wo.weight), moe.experts.w_out[e]))
         return pairs
     pairs = [
-        (_Plain(block.gate.weight), moe.router.weight),
+        (_Plain(block.gate.weight), _router_weight(moe)),
         (_Plain(block.experts.gate_up_proj), moe.experts.w_in),
         (_Plain(block.experts.down_proj), moe.experts.w_out),
     ]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..experts.lora import LoRAExperts
 from ..layer import MoE
@@ -108,9 +109,12 @@ def _load_either_layout(module: HFMoEBlock, state_dict: dict, prefix: str, local
             return
         converted = from_hf_block(block, module.hf_config)
     wrapped = isinstance(module.moe.experts, LoRAExperts)
+    router_adapted = parametrize.is_parametrized(module.moe.router, "weight")
     for key, value in converted.state_dict().items():
         if wrapped and key.startswith("experts."):
             key = "experts.base." + key[len("experts."):]
+        if router_adapted and key == "router.weight":
+            key = "router.parametrizations.weight.original"
         state_dict[prefix + "moe." + key] = value
 
 
@@ -262,18 +266,26 @@ def load_pretrained(path, model_class=None, **overrides) -> nn.Module:
 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"{str(path)!r} is not a local folder; load_pretrained reads a folder written by "
                          "save_pretrained (it downloads nothing)")
     cls = model_class or AutoModelForCausalLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, over many lines, what is checked below
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        if "mismatched" in str(error):
+            raise ValueError(f"the weights in {str(folder)!r} do not match its config.json: tensors of another "
+                             "shape than the config gives") from None
         files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) or "no .safetensors file"
         raise ValueError(f"could not load the weights in {str(folder)!r} ({files}): "
                          f"{str(error).strip().splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys", []))
     unexpected = sorted(k for k in info.get("unexpected_keys", []) if _is_moe_tensor(k))
     mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", []))

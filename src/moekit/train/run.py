@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Corpus, TokenData, build_tokenizer, load_corpus, load_tokenizer, tokenize_corpus
+from ..models.hf_spec import HFModelSpec
 from ..models.lm import LanguageModel, LMConfig
 from ..parallel import ParallelContext
 from .trainer import TrainConfig, Trainer, read_run_config, write_run_config
@@ -108,7 +109,11 @@ def new_run(
         prepared = prepare_data(data_config, run_dir / TOKENIZER_FILE)
     else:
         prepared.tokenizer.save(run_dir / TOKENIZER_FILE)
-    if model_config.vocab_size != prepared.tokenizer.vocab_size:
+    if isinstance(model_config, HFModelSpec):  # transformers models often pad their vocabulary
+        if prepared.tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"the tokenizer's {prepared.tokenizer.vocab_size} tokens do not fit the model's "
+                             f"vocabulary ({model_config.vocab_size})")
+    elif model_config.vocab_size != prepared.tokenizer.vocab_size:
         raise ValueError(
             f"model vocab_size ({model_config.vocab_size}) must equal the tokenizer's ({prepared.tokenizer.vocab_size})"
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..models.hf_spec import HFModelSpec
 from ..models.lm import LMConfig
 from .checkpoint import atomic_write_text
 
@@ -128,7 +129,9 @@ def write_run_config(run_dir: Path, model_config: LMConfig, train_config: TrainC
     atomic_write_text(Path(run_dir) / "config.json", json.dumps(config, indent=2))
 
 
-def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
+def read_run_config(run_dir: Path) -> tuple[LMConfig | HFModelSpec, TrainConfig, dict]:
+    """The run's model config (``HFModelSpec`` for a run fine-tuning a Hugging Face folder),
+    training config and data description."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a moekit run folder: it has no config.json")
@@ -140,7 +143,8 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
     except (KeyError, TypeError) as error:
         raise ValueError(f"{str(path)!r} lacks its {error} section; it is not a config written by moekit") from None
     settings = []
-    for name, cls, section in (("model", LMConfig, sections[0]), ("train", TrainConfig, sections[1])):
+    model_class = HFModelSpec if isinstance(sections[0], dict) and sections[0].get("kind") == "hf" else LMConfig
+    for name, cls, section in (("model", model_class, sections[0]), ("train", TrainConfig, sections[1])):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import TokenData, training_batch, validation_batches
+from ..models.hf_spec import HFModelSpec
 from ..models.lm import LanguageModel, LMConfig
 from ..parallel import (
     ParallelContext,
@@ -82,7 +83,11 @@ def evaluate(model: LanguageModel, batches, device: str, bf16: bool = False, par
 
 
 class Trainer:
-    """Trains one LanguageModel in one run folder; ``fit()`` runs to the end or to Ctrl-C."""
+    """Trains one language model in one run folder; ``fit()`` runs to the end or to Ctrl-C.
+
+    The model is ``LanguageModel(model_config)``, or ``model`` when the caller built it
+    (any module whose ``forward(idx, targets)`` returns an ``LMOutput`` and that counts its
+    ``num_parameters(active=...)``: a converted Hugging Face model, ``moekit.interop.hf_lm``)."""
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class Trainer:
         progress: bool = True,
         description: str | None = None,
         parallel: ParallelContext | None = None,
+        model: torch.nn.Module | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.model_config, self.config = model_config, train_config
@@ -105,7 +111,11 @@ class Trainer:
         self.is_main = parallel is None or parallel.is_main
         self.progress, self.description = progress and self.is_main, description or self.run_dir.name
         torch.manual_seed(train_config.seed)
-        self.model = LanguageModel(model_config).to(train_config.device)
+        if model is None and isinstance(model_config, HFModelSpec):
+            raise ValueError(f"{str(run_dir)!r} fine-tunes the Hugging Face model in {model_config.folder!r}; "
+                             "continue it with the moekit finetune command that started it")
+        # A model built by the caller (a converted Hugging Face model: moekit finetune), or ours.
+        self.model = (model if model is not None else LanguageModel(model_config)).to(train_config.device)
         if parallel is not None and (train_config.stage != "full" or train_config.freeze_old_experts):
             # The row masks and forced routing index all E experts; a rank holds a shard of them.
             raise ValueError(f"stage ({train_config.stage!r}) and freeze_old_experts "
@@ -115,7 +125,7 @@ class Trainer:
             self.cluster_routing = ClusterRouting.fit(data.train_N, model_config, train_config.seed)
             self.cluster_routing.attach(self.model)
         self.num_parameters = self.model.num_parameters()  # before the experts are sharded
-        self.num_active_parameters = self.model.num_parameters(active=True)
+        self.num_active_parameters = self.model.num_parameters(active=True)  # every model kind counts both
         # What a training step calls: the model itself, or its DDP wrapper around sharded experts.
         self.train_model: torch.nn.Module = self.model
         if parallel is not None:
