@@ -18,19 +18,20 @@ TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--c
         "--eval-batches", "2", "--log-every", "1"]
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["report"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["report"], ["demo"], ["finetune"]])
 def test_every_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     expected = {
-        (): ["train", "eval", "generate", "report", "demo"],
+        (): ["train", "eval", "generate", "report", "demo", "finetune"],
         ("train",): ["--data", "--resume", "--experts", "--top-k", "--router", "--steps", "--bf16", "--seed", "--lr"],
         ("eval",): ["RUN_DIR", "--batches"],
         ("generate",): ["--prompt", "--temperature", "--top-k", "--top-p", "--max-new-tokens"],
         ("report",): ["RUN_DIR", "--baseline"],
-        ("demo",): ["--seeds", "--out", "--steps"],
+        ("demo",): ["--seeds", "--out", "--steps", "--finetune-steps"],
+        ("finetune",): ["SOURCE", "--method", "--rank", "--targets", "--data", "--merge", "--context-length"],
     }[tuple(command)]
     for word in expected:
         assert word in text, word
