@@ -234,3 +234,16 @@ def test_train_accumulates_micro_batches_and_names_a_split_that_does_not_divide(
                  "--batch-size", "4", "--grad-accumulation", "3"]) == 2
     err = capsys.readouterr().err
     assert "batch_size (4) must be divisible by grad_accumulation (3)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_multitask_trains_every_model_per_correlation_and_seed_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "multitask"
+    assert main(["demo", "multitask", "--steps", "3", "--seeds", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    runs = {(r["correlation"], r["seed"], r["model"]) for r in results["sweep"]}
+    assert len(runs) == 4 * 2 * 4
+    assert set(results["recommendation"]["models"]) == {"shared-bottom", "OMoE", "MMoE", "PLE"}
+    assert set(results["recommendation"]["gates"]["PLE"]) == {"layer0/task0", "layer0/task1"}
+    page = (out / "report" / "index.html").read_text()
+    assert "correlation_sweep.png" in page and "gates.png" in page
+    assert "held-out MSE" in capsys.readouterr().err

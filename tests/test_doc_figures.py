@@ -109,3 +109,27 @@ def test_the_demo_still_gives_the_recorded_fine_tuning_losses(fresh_demo):
         assert mine["label"] == theirs["label"] and mine["trainable_parameters"] == theirs["trainable_parameters"]
         assert abs(mine["val_loss"] - theirs["val_loss"]) < 5e-4, (mine, theirs)
         assert mine["memory_mib"] == theirs["memory_mib"]
+
+
+def _multitask_tables(results: dict) -> dict[str, str]:
+    from moekit.analysis.multitask import recommendation_table, sweep_table
+
+    return {"sweep": sweep_table(results["summary"]), "recommendation": recommendation_table(results["recommendation"])}
+
+
+def test_docs_multitask_quotes_the_recorded_demo():
+    recorded = json.loads((ROOT / "docs" / "figures" / "multitask.json").read_text())
+    assert _page_tables(ROOT / "docs" / "multitask.md", "multitask") == _multitask_tables(recorded)
+
+
+@pytest.mark.slow
+def test_the_multitask_demo_still_gives_the_recorded_figures(tmp_path):
+    subprocess.run([sys.executable, "-m", "moekit", "demo", "multitask", "--out", str(tmp_path / "mt")], check=True,
+                   capture_output=True, cwd=ROOT)
+    fresh = json.loads((tmp_path / "mt" / "report" / "results.json").read_text())
+    recorded = json.loads((ROOT / "docs" / "figures" / "multitask.json").read_text())
+    for mine, theirs in zip(fresh["summary"], recorded["summary"], strict=True):
+        assert mine["model"] == theirs["model"] and abs(mine["median"] - theirs["median"]) < 1e-3, (mine, theirs)
+    for name, aucs in recorded["recommendation"]["models"].items():
+        for task, value in aucs.items():
+            assert abs(fresh["recommendation"]["models"][name][task] - value) < 1e-3, (name, task)

@@ -249,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job: train an MoE language model and a dense model with the same active "
                        "parameters per token for the same tokens on the embedded corpus, then write a comparative "
                        "report. Re-running with the same options reuses finished runs and resumes interrupted ones.")
+    p.add_argument("app", nargs="?", choices=("lm", "multitask"), default="lm",
+                   help="lm: the language models (default); multitask: MMoE and PLE against one-gate MoE and a "
+                   "shared bottom on generated multi-task data (runs/demo-multitask)")
     p.add_argument("--out", default=DEMO_OUT, help="demo folder (default: %(default)s)")
-    p.add_argument("--seeds", type=_positive_int, default=1,
-                   help="train this many seeds of each model, for the run-to-run spread (default: %(default)s)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="train this many seeds of each model, for the run-to-run spread (default: 1; "
+                   "multitask: 3)")
     _add_model_args(p, DEMO_DEFAULTS)
     _add_data_args(p, DEMO_VOCAB_SIZE)
     _add_train_args(p, DEMO_DEFAULTS)
@@ -396,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--experts ({args.experts}) must be >= 0")
     if args.command == "demo" and args.experts < 1:
         parser.error("the demo compares an MoE with a dense model; --experts must be >= 1")
+    if args.command == "demo":
+        args.seeds = args.seeds or (3 if args.app == "multitask" else 1)
+        args.default_out = DEMO_OUT
     if args.command == "demo" and args.finetune_steps < 0:
         parser.error(f"--finetune-steps ({args.finetune_steps}) must be >= 0")
     keep = args.command != "bench" or args.keep_freed_memory
