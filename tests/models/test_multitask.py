@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.models.multitask import MMoE, PLE, SharedBottom, multitask_loss
+from moekit.models.multitask import PLE, MMoE, SharedBottom, multitask_loss
 
 
 def _expert(experts, e, x):

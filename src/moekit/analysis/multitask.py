@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ..data.multitask import clicks_and_conversions, correlated_regressions  # noqa: E402
-from ..models.multitask import MMoE, PLE, SharedBottom, multitask_loss  # noqa: E402
+from ..models.multitask import PLE, MMoE, SharedBottom, multitask_loss  # noqa: E402
 from .plots import style_plots  # noqa: E402
 from .report import CSS  # noqa: E402
 
