@@ -247,3 +247,13 @@ def test_demo_multitask_trains_every_model_per_correlation_and_seed_and_writes_i
     page = (out / "report" / "index.html").read_text()
     assert "correlation_sweep.png" in page and "gates.png" in page
     assert "held-out MSE" in capsys.readouterr().err
+
+
+def test_demo_timeseries_forecasts_each_seed_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "timeseries"
+    assert main(["demo", "timeseries", "--seeds", "1", "--out", str(out)]) == 0
+    runs = json.loads((out / "report" / "results.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0]
+    assert runs[0]["mse"]["oracle"] < runs[0]["mse"]["mixture"]
+    assert "regimes.png" in (out / "report" / "index.html").read_text()
+    assert "one-step forecasts" in capsys.readouterr().err

@@ -133,3 +133,21 @@ def test_the_multitask_demo_still_gives_the_recorded_figures(tmp_path):
     for name, aucs in recorded["recommendation"]["models"].items():
         for task, value in aucs.items():
             assert abs(fresh["recommendation"]["models"][name][task] - value) < 1e-3, (name, task)
+
+
+def test_docs_timeseries_quotes_the_recorded_demo():
+    from moekit.analysis.timeseries import summary_table
+
+    recorded = json.loads((ROOT / "docs" / "figures" / "timeseries.json").read_text())
+    assert _page_tables(ROOT / "docs" / "timeseries.md", "timeseries") == {"forecasts": summary_table(recorded["runs"])}
+
+
+@pytest.mark.slow
+def test_the_timeseries_demo_still_gives_the_recorded_figures(tmp_path):
+    subprocess.run([sys.executable, "-m", "moekit", "demo", "timeseries", "--out", str(tmp_path / "ts")], check=True,
+                   capture_output=True, cwd=ROOT)
+    fresh = json.loads((tmp_path / "ts" / "report" / "results.json").read_text())["runs"]
+    recorded = json.loads((ROOT / "docs" / "figures" / "timeseries.json").read_text())["runs"]
+    for mine, theirs in zip(fresh, recorded, strict=True):
+        for name, value in theirs["mse"].items():
+            assert abs(mine["mse"][name] - value) < 1e-4, (name, mine["mse"][name], value)

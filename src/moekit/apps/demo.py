@@ -16,10 +16,10 @@ from .common import CLIError, check_router, configs_from_args, data_config_from_
 
 
 def cmd_demo(args) -> int:
-    if getattr(args, "app", "lm") == "multitask":
-        from .multitask import cmd_demo_multitask
+    if getattr(args, "app", "lm") != "lm":
+        from .multitask import cmd_demo_multitask, cmd_demo_timeseries
 
-        return cmd_demo_multitask(args)
+        return {"multitask": cmd_demo_multitask, "timeseries": cmd_demo_timeseries}[args.app](args)
 
     from ..analysis.compare import compare, seed_summary
     from ..analysis.report import write_report
