@@ -257,3 +257,13 @@ def test_demo_timeseries_forecasts_each_seed_and_writes_its_report(tmp_path, cap
     assert runs[0]["mse"]["oracle"] < runs[0]["mse"]["mixture"]
     assert "regimes.png" in (out / "report" / "index.html").read_text()
     assert "one-step forecasts" in capsys.readouterr().err
+
+
+def test_demo_vision_trains_the_three_models_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "vision"
+    assert main(["demo", "vision", "--steps", "4", "--seeds", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["dense", "V-MoE", "Soft MoE"]
+    assert len(results["classes_per_expert"]) == 10 and len(results["capacity"]["batch_priority"]) == 6
+    assert "experts.png" in (out / "report" / "index.html").read_text()
+    assert "V-MoE, capacity shrunk" in capsys.readouterr().err

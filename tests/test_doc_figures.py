@@ -151,3 +151,21 @@ def test_the_timeseries_demo_still_gives_the_recorded_figures(tmp_path):
     for mine, theirs in zip(fresh, recorded, strict=True):
         for name, value in theirs["mse"].items():
             assert abs(mine["mse"][name] - value) < 1e-4, (name, mine["mse"][name], value)
+
+
+def test_docs_vision_quotes_the_recorded_demo():
+    from moekit.analysis.vision import accuracy_table, capacity_table
+
+    recorded = json.loads((ROOT / "docs" / "figures" / "vision.json").read_text())
+    assert _page_tables(ROOT / "docs" / "vision.md", "vision") == {"accuracy": accuracy_table(recorded),
+                                                                  "capacity": capacity_table(recorded)}
+
+
+@pytest.mark.slow
+def test_the_vision_demo_still_gives_the_recorded_figures(tmp_path):
+    subprocess.run([sys.executable, "-m", "moekit", "demo", "vision", "--out", str(tmp_path / "vision")], check=True,
+                   capture_output=True, cwd=ROOT)
+    fresh = json.loads((tmp_path / "vision" / "report" / "results.json").read_text())
+    recorded = json.loads((ROOT / "docs" / "figures" / "vision.json").read_text())
+    for mine, theirs in zip(fresh["runs"], recorded["runs"], strict=True):
+        assert mine["model"] == theirs["model"] and abs(mine["accuracy"] - theirs["accuracy"]) < 5e-3, (mine, theirs)

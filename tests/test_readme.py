@@ -8,7 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Pages whose examples are self-contained (distributed.md needs torchrun).
 PAGES = ["README.md", "docs/architecture.md", "docs/classic.md", "docs/lm.md", "docs/surgery.md", "docs/inference.md",
-         "docs/finetune.md", "docs/multitask.md", "docs/timeseries.md"]
+         "docs/finetune.md", "docs/multitask.md", "docs/timeseries.md",
+         "docs/vision.md"]
 
 
 @pytest.fixture

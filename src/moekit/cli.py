@@ -249,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job: train an MoE language model and a dense model with the same active "
                        "parameters per token for the same tokens on the embedded corpus, then write a comparative "
                        "report. Re-running with the same options reuses finished runs and resumes interrupted ones.")
-    p.add_argument("app", nargs="?", choices=("lm", "multitask", "timeseries"), default="lm",
+    p.add_argument("app", nargs="?", choices=("lm", "multitask", "timeseries", "vision"), default="lm",
                    help="lm: the language models (default); multitask: MMoE and PLE against one-gate MoE and a "
                    "shared bottom on generated multi-task data (runs/demo-multitask); timeseries: a mixture of "
-                   "linear experts on a regime-switching series (runs/demo-timeseries)")
+                   "linear experts on a regime-switching series (runs/demo-timeseries); vision: a ViT, V-MoE and "
+                   "Soft MoE on scikit-learn's digits (runs/demo-vision)")
     p.add_argument("--out", default=DEMO_OUT, help="demo folder (default: %(default)s)")
     p.add_argument("--seeds", type=_positive_int, default=None,
                    help="train this many seeds of each model, for the run-to-run spread (default: 1; "
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the demo compares an MoE with a dense model; --experts must be >= 1")
     if args.command == "demo":
         args.seeds = args.seeds or (1 if args.app == "lm" else 3)
-        args.default_out = DEMO_OUT
+        args.default_out, args.default_steps = DEMO_OUT, DEMO_DEFAULTS["steps"]
     if args.command == "demo" and args.finetune_steps < 0:
         parser.error(f"--finetune-steps ({args.finetune_steps}) must be >= 0")
     keep = args.command != "bench" or args.keep_freed_memory

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .experts import EXPERTS
 from .routing import ROUTERS, RouterOptions, router_class
 
-DROP_PRIORITIES = ("probability", "position")
+DROP_PRIORITIES = ("probability", "position", "batch_priority")
 LOSS_NAMES = ("load_balance", "z_loss", "importance", "load", "sequence_balance")
 
 
@@ -57,8 +57,10 @@ class MoEConfig:
             second-to-last dim) rather than over the whole batch, as Switch
             Transformers does; C then counts the sequence's tokens.
         drop_priority: which assignments an expert keeps when over capacity:
-            ``probability`` (highest router probability first) or ``position``
-            (first choices before second choices, earlier tokens first).
+            ``probability`` (highest router probability first), ``position``
+            (first choices before second choices, earlier tokens first) or
+            ``batch_priority`` (V-MoE: first choices before second choices, and
+            within a choice the tokens with the most confident top choice first).
         load_balance_coef: weight of the Switch/GShard load-balancing loss.
         z_loss_coef: weight of the router z-loss (ST-MoE).
         importance_coef: weight of Shazeer's importance loss, CV(importance)².

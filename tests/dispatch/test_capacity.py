@@ -15,7 +15,7 @@ from moekit.dispatch import sorted_plan
 
 @pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
 @pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
-@pytest.mark.parametrize("priority", ["probability", "position"])
+@pytest.mark.parametrize("priority", ["probability", "position", "batch_priority"])
 def test_tokens_per_expert_within_capacity_and_drops_counted(path, capacity_factor, priority):
     T, E, K = 40, 4, 2
     moe = MoE(d_model=8, d_ff=8, num_experts=E, top_k=K, capacity_factor=capacity_factor,
@@ -77,7 +77,7 @@ def test_large_capacity_equals_dropless(path):
 
 
 @pytest.mark.parametrize("path", ["loop", "segment", "fused", "grouped_mm", "small_batch"])
-@pytest.mark.parametrize("priority", ["probability", "position"])
+@pytest.mark.parametrize("priority", ["probability", "position", "batch_priority"])
 def test_capacity_per_sequence_equals_running_each_sequence_alone(path, priority):
     config = dict(d_model=8, d_ff=8, num_experts=4, top_k=2, expert_capacity=3, drop_priority=priority,
                   compute=path)
@@ -127,3 +127,17 @@ def test_both_ways_of_combining_agree_with_gradients(dtype):
         torch.testing.assert_close(out, expected, **tol)
         torch.testing.assert_close(grad_y, expected_grad_y, **tol)
         torch.testing.assert_close(grad_w, expected_grad_w, **tol)
+
+
+def test_batch_priority_keeps_first_choices_of_the_most_confident_tokens_first():
+    from moekit.dispatch.capacity import sorted_assignments
+
+    # Token t's choices (expert, probability): every first choice goes to expert 0, every
+    # second to expert 1; capacity 2. Token 3 is the most confident, then 1, then 0.
+    indices_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    priority_TK = torch.tensor([[0.6, 0.3], [0.8, 0.1], [0.5, 0.45], [0.9, 0.05]])
+    _, counts_E, kept_TK, dropped, _ = sorted_assignments(indices_TK, 2, capacity=2, priority_TK=priority_TK,
+                                                          drop_priority="batch_priority")
+    # Expert 0 keeps tokens 3 and 1; expert 1 takes second choices in the same token order.
+    assert kept_TK.tolist() == [[False, False], [True, True], [False, False], [True, True]]
+    assert counts_E.tolist() == [2, 2] and int(dropped) == 4

@@ -19,7 +19,7 @@ from moekit.routing import Routing
 
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(0, 13), E=st.integers(1, 5), data=st.data(), limit=st.sampled_from([None, 1, 2, 4]),
-       group=st.sampled_from([None, 3]), priority=st.sampled_from(["probability", "position"]),
+       group=st.sampled_from([None, 3]), priority=st.sampled_from(["probability", "position", "batch_priority"]),
        padded=st.booleans(), seed=st.integers(0, 1000))
 def test_sorted_plan_keeps_what_the_reference_keeps(T, E, data, limit, group, priority, padded, seed):
     K = data.draw(st.integers(1, E))

@@ -17,9 +17,10 @@ from .common import CLIError, check_router, configs_from_args, data_config_from_
 
 def cmd_demo(args) -> int:
     if getattr(args, "app", "lm") != "lm":
-        from .multitask import cmd_demo_multitask, cmd_demo_timeseries
+        from .multitask import cmd_demo_multitask, cmd_demo_timeseries, cmd_demo_vision
 
-        return {"multitask": cmd_demo_multitask, "timeseries": cmd_demo_timeseries}[args.app](args)
+        demos = {"multitask": cmd_demo_multitask, "timeseries": cmd_demo_timeseries, "vision": cmd_demo_vision}
+        return demos[args.app](args)
 
     from ..analysis.compare import compare, seed_summary
     from ..analysis.report import write_report

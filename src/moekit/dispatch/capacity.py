@@ -50,7 +50,9 @@ def sorted_assignments(
     (per group of ``group_size`` consecutive tokens when given, as Switch
     Transformers applies capacity per sequence): by ``drop_priority="probability"``
     the highest ``priority_TK`` first, by ``"position"`` first choices before
-    second choices and earlier tokens first. Assignments outside ``active_TK``
+    second choices and earlier tokens first, by ``"batch_priority"`` (V-MoE's batch
+    prioritized routing, Riquelme et al. 2021) first choices before second choices and,
+    within a choice, the tokens with the highest top priority first. Assignments outside ``active_TK``
     (declined by the router) are left out like padding and not counted as
     dropped. The dropless, unpadded case needs no host sync.
     """
@@ -74,6 +76,11 @@ def sorted_assignments(
         candidate_order = torch.arange(T * K, device=device)
     elif drop_priority == "probability":
         candidate_order = torch.argsort(-priority_TK.reshape(-1), stable=True)
+    elif drop_priority == "batch_priority":
+        # V-MoE's batch prioritized routing: slot-major, and within a slot the tokens whose best
+        # choice is most confident first.
+        token_order = torch.argsort(-priority_TK.max(dim=1).values, stable=True)
+        candidate_order = (token_order[None, :] * K + torch.arange(K, device=device)[:, None]).reshape(-1)
     else:
         # Slot-major: every token's first choice ranks above any second choice.
         candidate_order = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
@@ -139,6 +146,11 @@ def reference_keep(
                     range(tokens.numel()),
                     key=lambda i: (-priority_TK[tokens[i], slots[i]].item(), tokens[i].item() * K + slots[i].item()),
                 )
+            elif drop_priority == "batch_priority":
+                # Choice slot first, then the token's top probability, then its position.
+                best_T = priority_TK.max(dim=1).values
+                rank = sorted(range(tokens.numel()),
+                              key=lambda i: (slots[i].item(), -best_T[tokens[i]].item(), tokens[i].item()))
             else:
                 rank = sorted(range(tokens.numel()), key=lambda i: (slots[i].item(), tokens[i].item()))
             chosen = torch.tensor(rank[:capacity], dtype=torch.long, device=tokens.device)
