@@ -29,13 +29,24 @@ def steps_to_reach(metrics: list[dict], target: float) -> int | None:
     return None
 
 
+def seconds_to_reach(metrics: list[dict], target: float) -> float | None:
+    """Training seconds (evaluation excluded) at the first evaluation at or below target."""
+    for _, seconds, loss in val_curve(metrics):
+        if loss <= target:
+            return seconds
+    return None
+
+
 def compare(moe_metrics: list[dict], dense_metrics: list[dict]) -> dict:
-    """Final losses, the steps the MoE needed to reach the dense final loss, step-time ratio."""
+    """Final losses, the steps and training seconds the MoE needed to reach the dense final
+    loss, step-time ratio."""
     dense_final = final_val_loss(dense_metrics)
     moe_final = final_val_loss(moe_metrics)
     moe_step, dense_step = median_step_time(moe_metrics), median_step_time(dense_metrics)
     total_steps = dense_metrics[-1]["step"] if dense_metrics else None
     return {
+        "moe_seconds_to_dense_loss": None if dense_final is None else seconds_to_reach(moe_metrics, dense_final),
+        "dense_seconds": dense_metrics[-1]["elapsed"] if dense_metrics else None,
         "moe_val_loss": moe_final,
         "dense_val_loss": dense_final,
         "moe_steps_to_dense_loss": None if dense_final is None else steps_to_reach(moe_metrics, dense_final),

@@ -61,6 +61,20 @@ def plot_loss_curves(views: list[RunView], out: Path) -> str:
     return _save(fig, out / "loss_curves.png")
 
 
+def plot_training_curves(views: list[RunView], out: Path) -> str:
+    """The auxiliary loss, the learning rate and the gradient norm of each run, by step."""
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
+    panels = (("aux_loss", "auxiliary loss (weighted)"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for i, v in enumerate(views):
+            points = [(r["step"], r[key]) for r in v.metrics if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), color=_color(v, i), lw=1.2, label=v.label)
+        ax.set(xlabel="step", title=title)
+        ax.legend()
+    return _save(fig, out / "training_curves.png")
+
+
 def _zoom_to_tail(ax, views: list[RunView]) -> None:
     # The first evaluations sit far above the rest; cap the axis so differences at the end show.
     finals = [final_val_loss(v.metrics) for v in views if final_val_loss(v.metrics) is not None]

@@ -17,7 +17,7 @@ from .common import CLIError, check_router, configs_from_args, data_config_from_
 
 def cmd_demo(args) -> int:
     if getattr(args, "app", "lm") != "lm":
-        from .multitask import cmd_demo_multitask, cmd_demo_timeseries, cmd_demo_vision
+        from .applications import cmd_demo_multitask, cmd_demo_timeseries, cmd_demo_vision
 
         demos = {"multitask": cmd_demo_multitask, "timeseries": cmd_demo_timeseries, "vision": cmd_demo_vision}
         return demos[args.app](args)
