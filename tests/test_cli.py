@@ -267,3 +267,14 @@ def test_demo_vision_trains_the_three_models_and_writes_its_report(tmp_path, cap
     assert len(results["classes_per_expert"]) == 10 and len(results["capacity"]["batch_priority"]) == 6
     assert "experts.png" in (out / "report" / "index.html").read_text()
     assert "V-MoE, capacity shrunk" in capsys.readouterr().err
+
+
+def test_shared_experts_reach_the_model_config():
+    from moekit.apps.common import configs_from_args
+    from moekit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--experts", "16", "--top-k", "3", "--expert-d-ff", "64",
+                                      "--shared-experts", "1", "--shared-d-ff", "32"])
+    model_config, _ = configs_from_args(args, vocab_size=300)
+    assert model_config.moe.num_shared_experts == 1 and model_config.moe.shared_d_ff == 32
+    assert model_config.moe.top_k == 3 and model_config.moe.d_ff == 64

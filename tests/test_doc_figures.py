@@ -169,3 +169,11 @@ def test_the_vision_demo_still_gives_the_recorded_figures(tmp_path):
     recorded = json.loads((ROOT / "docs" / "figures" / "vision.json").read_text())
     for mine, theirs in zip(fresh["runs"], recorded["runs"], strict=True):
         assert mine["model"] == theirs["model"] and abs(mine["accuracy"] - theirs["accuracy"]) < 5e-3, (mine, theirs)
+
+
+def test_docs_lm_quotes_the_recorded_ablation():
+    spec = importlib.util.spec_from_file_location("lm_ablation", ROOT / "benchmarks" / "lm_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
+    assert _page_tables(ROOT / "docs" / "lm.md", "lm_ablation") == {"table": expected}

@@ -59,6 +59,10 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="routing rule; any causal router of moekit.ROUTERS, e.g. topk, noisy_topk, switch, softmax (default: %(default)s)")
     g.add_argument("--expert-d-ff", type=_positive_int, default=None,
                    help="hidden width of each expert (default: d_ff / top_k, so a token uses as many FFN weights as in the dense model)")
+    g.add_argument("--shared-experts", type=int, default=0, metavar="N",
+                   help="experts every token goes through besides its routed ones (DeepSeekMoE; default: %(default)s)")
+    g.add_argument("--shared-d-ff", type=_positive_int, default=None,
+                   help="hidden width of the shared experts (default: the routed experts' width)")
     g.add_argument("--moe-every", type=_positive_int, default=1, help="MoE in every n-th block, dense FFN elsewhere (default: %(default)s)")
     g.add_argument("--capacity-factor", type=float, default=None,
                    help="expert capacity factor; assignments over capacity are dropped (default: dropless)")

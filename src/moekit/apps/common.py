@@ -104,7 +104,8 @@ def configs_from_args(args, vocab_size: int, *, moe: bool | None = None):
             d_model=args.d_model, d_ff=expert_d_ff, num_experts=args.experts,
             top_k=None if router.top_k_fixed else args.top_k, router=args.router,
             capacity_factor=args.capacity_factor, load_balance_coef=args.load_balance_coef,
-            z_loss_coef=args.z_loss_coef, **extra,
+            z_loss_coef=args.z_loss_coef, num_shared_experts=getattr(args, "shared_experts", 0),
+            shared_d_ff=getattr(args, "shared_d_ff", None), **extra,
         )
     model_config = LMConfig(
         vocab_size=vocab_size, context_length=args.context_length, n_layer=args.layers, n_head=args.heads,
