@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"record {FIGURES.relative_to(ROOT)}")
     args = parser.parse_args()
     out = Path(args.out)
-    for i, (name, flags) in enumerate(ROWS.items()):
+    for i, flags in enumerate(ROWS.values()):
         run = out / f"row{i}"
         if (run / "metrics.jsonl").exists() and _metrics(run)[-1]["step"] >= 800:
             continue
