@@ -331,10 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rslora", action="store_true", help="scale by alpha / √r (rank-stabilised LoRA)")
     g.add_argument("--targets", default="experts", help="lora: experts and/or shared, comma-separated "
                    "(default: %(default)s)")
-    g.add_argument("--mixlora-experts", type=_positive_int, default=4, help="mixlora: LoRA experts per dense FFN "
-                   "(default: %(default)s)")
-    g.add_argument("--mixlora-top-k", type=_positive_int, default=2, help="mixlora: experts per token "
-                   "(default: %(default)s)")
+    g.add_argument("--mixlora-experts", type=_positive_int, default=4, help="mixlora: experts per FFN (default: 4)")
+    g.add_argument("--mixlora-top-k", type=_positive_int, default=2, help="mixlora: experts per token (default: 2)")
     g = p.add_argument_group("training")
     g.add_argument("--data", default=None, metavar="PATH", help="text to adapt to: a file, folder or glob, or "
                    "stdlib-tests (the standard library's test suites, which the embedded corpus leaves out); "
@@ -349,10 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accumulation", type=_positive_int, default=1, metavar="N",
                    help="micro-batches per step (default: %(default)s)")
     g.add_argument("--seed", type=int, default=1, help="seed of the adapters and batches (default: %(default)s)")
-    g.add_argument("--eval-every", type=_positive_int, default=50, help="steps between held-out evaluations "
-                   "(default: %(default)s)")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints "
-                   "(default: %(default)s)")
+    g.add_argument("--eval-every", type=_positive_int, default=50, help="steps between evaluations (default: 50)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--merge", action="store_true", help="also write OUT/merged: the updates folded into the weights")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report at the end (default: on)")
