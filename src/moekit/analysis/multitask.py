@@ -31,7 +31,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ..data.multitask import clicks_and_conversions, correlated_regressions  # noqa: E402
 from ..models.multitask import PLE, MMoE, SharedBottom, multitask_loss  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS  # noqa: E402
+from .report import CSS, html_table  # noqa: E402
 
 CORRELATIONS = (1.0, 0.9, 0.5, 0.0)
 TRAIN_ROWS, TEST_ROWS = 10_000, 2_000
@@ -192,14 +192,6 @@ def recommendation_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _html_table(markdown: str) -> str:
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if not line.startswith("|--")]
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td class=num>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
-                   for row in rows[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def write_multitask_report(results: dict, out: Path) -> Path:
     """out/index.html with the sweep and the recommendation demo; out/results.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -210,11 +202,11 @@ def write_multitask_report(results: dict, out: Path) -> Path:
         ("Task relatedness", f"Two regression tasks whose directions have cosine p (Ma et al. 2018's synthetic "
          f"data), {TRAIN_ROWS:,} training and {TEST_ROWS:,} held-out rows, {settings['steps']} Adam steps of "
          f"{settings['batch_size']} rows per model, {len(settings['seeds'])} seed(s). Lower is better.",
-         _html_table(sweep_table(results["summary"])) + f'<img src="{sweep_png}" alt="MSE against correlation">'),
+         html_table(sweep_table(results["summary"])) + f'<img src="{sweep_png}" alt="MSE against correlation">'),
         ("Click and conversion", "Two binary tasks on generated user-item pairs: held-out AUC per task "
          "(higher is better), and each gate's mean weight on each expert (PLE's task gates see their own "
          "experts first, then the shared ones).",
-         _html_table(recommendation_table(results["recommendation"])) + f'<img src="{gates_png}" alt="gates">'),
+         html_table(recommendation_table(results["recommendation"])) + f'<img src="{gates_png}" alt="gates">'),
     ]
     body = "".join(f"<section><h2>{html.escape(title)}</h2><p class=lead>{html.escape(lead)}</p>{content}</section>"
                    for title, lead, content in sections)

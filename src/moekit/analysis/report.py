@@ -91,6 +91,15 @@ footer { color:var(--muted); font-size:13px; padding:4px 0 36px; }
 """
 
 
+def html_table(markdown: str) -> str:
+    """A Markdown table (header, separator, rows) as the report's HTML table."""
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if not line.startswith("|--")]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td class=num>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
+                   for row in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def _tag(label: str) -> str:
     cls = label if label in ("MoE", "dense") else "other"
     return f'<span class="tag {cls}">{html.escape(label)}</span>'

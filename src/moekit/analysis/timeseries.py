@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from ..classic import MixtureOfExpertsRegressor  # noqa: E402
 from ..data.timeseries import REGIMES, lagged_features, regime_switching_series  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS  # noqa: E402
+from .report import CSS, html_table  # noqa: E402
 
 STEPS, TRAIN_STEPS, LAGS, WINDOW = 6000, 4000, 5, 10
 
@@ -107,10 +107,7 @@ def write_timeseries_report(runs: list[dict], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     style_plots()
     png = _plot(runs[0], out)
-    rows = [line.strip("|").split("|") for line in summary_table(runs).splitlines() if not line.startswith("|--")]
-    table = "<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0]) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td class=num>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in rows[1:]
-    ) + "</table>"
+    table = html_table(summary_table(runs))
     confusion = np.array(runs[0]["confusion"])
     header = "".join(f"<th>{html.escape(name)}</th>" for name in REGIMES)
     body = "".join(f"<tr><th>expert {e}</th>" + "".join(f"<td class=num>{v:.2f}</td>" for v in row) + "</tr>"

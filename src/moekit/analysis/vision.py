@@ -35,7 +35,7 @@ from ..config import MoEConfig  # noqa: E402
 from ..models.vision import ViT, ViTConfig  # noqa: E402
 from ..routing import router_class  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS  # noqa: E402
+from .report import CSS, html_table  # noqa: E402
 
 TEST_IMAGES = 500
 CAPACITY_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -200,13 +200,6 @@ def _plots(results: dict, out: Path) -> list[str]:
     return ["accuracy.png", "experts.png"]
 
 
-def _html(markdown: str) -> str:
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if not line.startswith("|--")]
-    return ("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0]) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td class=num>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
-                      for row in rows[1:]) + "</table>")
-
-
 def write_vision_report(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     accuracy_png, experts_png = _plots(results, out)
@@ -216,11 +209,11 @@ def write_vision_report(results: dict, out: Path) -> Path:
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>moekit demo vision</title>"
             f"<style>{CSS}</style></head><body><header><div class=wrap><div><h1>moekit demo vision: V-MoE and "
             f"Soft MoE</h1><p>Every figure from moekit demo vision.</p></div></div></header><main class=wrap>"
-            f"<section><h2>Accuracy</h2><p class=lead>{html.escape(lead)}</p>{_html(accuracy_table(results))}"
+            f"<section><h2>Accuracy</h2><p class=lead>{html.escape(lead)}</p>{html_table(accuracy_table(results))}"
             f'<img src="{accuracy_png}" alt="accuracy against images seen"></section><section><h2>Experts and '
             f"capacity</h2><p class=lead>The first seed's V-MoE: the share of each digit's patch assignments each "
             f"expert keeps, and test accuracy when every MoE layer's capacity factor is changed after "
-            f"training.</p>{_html(capacity_table(results))}"
+            f"training.</p>{html_table(capacity_table(results))}"
             f'<img src="{experts_png}" alt="classes per expert and capacity"></section></main></body></html>')
     (out / "index.html").write_text(page, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results, indent=1))
