@@ -278,3 +278,12 @@ def test_shared_experts_reach_the_model_config():
     model_config, _ = configs_from_args(args, vocab_size=300)
     assert model_config.moe.num_shared_experts == 1 and model_config.moe.shared_d_ff == 32
     assert model_config.moe.top_k == 3 and model_config.moe.d_ff == 64
+
+
+def test_the_demo_skips_its_fine_tuning_comparison_when_the_held_out_text_is_missing(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--data", str(corpus_dir), "--out", str(out), "--steps", "2", *TINY,
+            "--finetune-steps", "2", "--finetune-data", str(tmp_path / "no-such-text")]
+    assert main(args) == 0
+    assert "fine-tuning comparison skipped: --data path" in capsys.readouterr().err
+    assert json.loads((out / "demo.json").read_text())["finetune"] is None

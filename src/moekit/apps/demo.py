@@ -83,13 +83,19 @@ def cmd_demo(args) -> int:
     seeds = {"runs": comparisons, "summary": seed_summary(comparisons)} if len(comparisons) > 1 else None
     finetune = None
     if args.finetune_steps:
+        from ..data import DataError
         from .finetune import finetune_comparison
 
-        rows = finetune_comparison({label: out / name for label, name in report_runs.items()}, out / "finetune",
-                                   steps=args.finetune_steps, data=args.finetune_data, batch_size=args.batch_size)
+        try:
+            rows = finetune_comparison({label: out / name for label, name in report_runs.items()}, out / "finetune",
+                                       steps=args.finetune_steps, data=args.finetune_data,
+                                       batch_size=args.batch_size)
+        except DataError as error:  # e.g. a Python installed without its test suites
+            print(f"fine-tuning comparison skipped: {error}", file=sys.stderr)
+            rows = []
         if rows is None:
             return 130
-        finetune = {"data": args.finetune_data, "steps": args.finetune_steps, "rows": rows}
+        finetune = {"data": args.finetune_data, "steps": args.finetune_steps, "rows": rows} if rows else None
     demo = {"report_runs": report_runs, "seeds": seeds, "comparisons": comparisons,
             "settings": {k: v for k, v in vars(args).items() if k not in ("func", "seed_value")},
             "data": prepared.info, "finetune": finetune}
