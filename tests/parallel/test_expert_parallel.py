@@ -374,6 +374,7 @@ def test_ddp_for_replicated_parameters_and_expert_gradients_over_the_ep_mesh():
 
 
 def test_layers_expert_parallelism_cannot_run_exactly_are_refused_by_name():
+    from moekit.finetune import add_lora
     from moekit.parallel.setup import check_shardable
 
     for router in ("topk", "noisy_topk", "switch", "softmax", "sigmoid", "expert_choice"):
@@ -382,6 +383,14 @@ def test_layers_expert_parallelism_cannot_run_exactly_are_refused_by_name():
     modules = MoE(d_model=4, d_ff=1, top_k=2, experts=[torch.nn.Linear(4, 4) for _ in range(2)])
     with pytest.raises(TypeError, match="layer 'block' has ModuleExperts, which does not declare shardable"):
         check_shardable("block", modules)
+    from moekit.finetune import mixlora
+    from moekit.models.lm import SwiGLU
+
+    with pytest.raises(TypeError, match="mixture of LoRA experts whose experts share one base weight"):
+        check_shardable("block", mixlora(SwiGLU(4, 8), num_experts=2, top_k=1, rank=2))
+    lora = MoE(MoEConfig(**BASE))
+    add_lora(lora, rank=1)
+    check_shardable("block", lora)  # adapters on stacked experts shard with them
     local_only = MoE(MoEConfig(**BASE))
     local_only.router.global_losses = frozenset({"z_loss"})  # as a router whose load_balance is per rank
     with pytest.raises(NotImplementedError, match="reports load_balance, importance, load as a per-rank loss"):

@@ -114,6 +114,9 @@ def check_shardable(name: str, moe: MoE) -> None:
     """Refuse, by name, a layer expert parallelism cannot run exactly."""
     if isinstance(moe.dispatcher, ExpertParallelDispatcher):
         raise ValueError(f"MoE layer {name!r} is already expert-parallel")
+    if getattr(moe.experts, "shared_base", False):
+        raise TypeError(f"expert parallelism shards experts by id; layer {name!r} is a mixture of LoRA experts "
+                        "whose experts share one base weight, which every rank would need whole")
     if not moe.experts.shardable:
         raise TypeError(f"expert parallelism shards experts by id; layer {name!r} has "
                         f"{type(moe.experts).__name__}, which does not declare shardable = True")
