@@ -6,7 +6,10 @@ dense FFN becomes a mixture of LoRA experts; ``full``: nothing added, everything
 trains) and writes ``out`` as a new run at step 0 (``moekit.train.fork_run``): the
 trainer then gives it the progress bar, checkpoints, exact resume and metrics of
 any run, and ``moekit eval | generate | report`` read it, adapters included (its
-config names them: ``LMConfig.adapter``). ``finetune.json`` records the plan and
+config names them: ``LMConfig.adapter``). ``start_hf_finetune`` does the same from a
+Hugging Face ``save_pretrained`` folder: the converted model (``HFCausalLM``) trains
+through the same trainer, its run config an ``HFModelSpec``, its text tokenized by the
+folder's tokenizer. ``finetune.json`` records the plan and
 what the run measured; ``write_outputs`` writes the adapter folder (peft's format
 for LoRA) and, on request, a run folder with the updates merged into the weights.
 
