@@ -111,7 +111,7 @@ def test_the_base_is_the_dense_ffns_own_weight_held_once():
     assert stored == {"experts.base.dense_w_in": 48 * 16, "experts.base.dense_w_out": 16 * 24}
 
 
-@pytest.mark.parametrize("path", ["grouped_mm", "segment", "fused", "small_batch", "triton"])
+@pytest.mark.parametrize("path", ["shared_base", "grouped_mm", "segment", "fused", "small_batch", "triton"])
 def test_every_path_matches_loop(path):
     torch.manual_seed(0)
     moe = _with_random_adapters(mixlora(SwiGLU(16, 24), num_experts=4, top_k=2, rank=4, router_init_std=0.5))
@@ -169,3 +169,18 @@ def test_a_model_without_the_adapters_target_is_named():
                                  moe=MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2)))
     with pytest.raises(ValueError, match="every block of this model is an MoE"):
         apply_adapter(moe, AdapterConfig(method="mixlora"))
+
+
+@pytest.mark.parametrize("fields", [dict(capacity_factor=0.5), dict(router="softmax", top_k=None)])
+def test_the_shared_base_path_matches_loop_with_drops_and_dense_gates(fields):
+    torch.manual_seed(0)
+    fields = dict(dict(top_k=2), **fields)
+    moe = _with_random_adapters(mixlora(_gpt2_mlp(), num_experts=4, rank=4, router_init_std=0.5, **fields))
+    assert moe.compute_path(torch.empty(2, 16)).name == "shared_base"
+    x = torch.randn(3, 5, 16)
+    out, grads = run_path(moe, "shared_base", x)
+    ref, ref_grads = run_path(moe, "loop", x)
+    torch.testing.assert_close(out.y, ref.y, rtol=1e-5, atol=1e-5)
+    assert_close_dicts(grads, ref_grads, rtol=1e-4, atol=1e-5)
+    if "capacity_factor" in fields:
+        assert int(out.routing.num_dropped) > 0

@@ -11,7 +11,9 @@ here runs such an ``mlp`` on rows grouped by expert (``counts_E[e]`` rows each):
 - ``routed_tokens``: tokens to weighted output rows, one expert at a time, with no
   (R, D) tensor (``ops.routed_mlp``);
 - ``triton_rows``: the Triton grouped GEMMs, optionally gathering input rows and
-  scattering output rows inside the kernel.
+  scattering output rows inside the kernel;
+- ``shared_base_tokens``: experts that share one base MLP (mixtures of LoRA experts),
+  the base once per token.
 
 An ``mlp`` may also carry low-rank adapters on either projection (LoRA experts):
 ``low_rank_in`` and ``low_rank_out``, each None or a ``LowRank`` (A (E, r, in), B (E,
@@ -191,6 +193,36 @@ def _routed_by_rows(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, coun
     weights_R1 = weights_TK.reshape(-1)[order_R, None]
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=weights_TK.dtype)
     return y_TD.index_add(0, tokens_R, weights_R1 * y_RD.to(weights_TK.dtype))
+
+
+def shared_base_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
+    """Σ_k weights_TK·E_e(x_t) for experts that are one base MLP plus low-rank adapters each
+    (``shared_base``: a mixture of LoRA experts): the base projections run once per token,
+    not once per routed row; (T, D) in the weights' dtype.
+
+    The first projection of token t is the same for all its experts, so it is computed once
+    and gathered; the second is linear, so Σ_k g_k·W_out·a_k = W_out·(Σ_k g_k·a_k) runs once
+    per token on the weighted sum of the activations. The adapters add per routed row."""
+    base = mlp.base
+    K, T = weights_TK.shape[1], x_TD.shape[0]
+    x_TD, w_in, b_in, w_out, b_out = autocast_operands(x_TD.device.type, x_TD, base.dense_w_in, base.dense_b_in,
+                                                       base.dense_w_out, base.dense_b_out)
+    delta_in, delta_out = low_rank_pair(mlp)
+    tokens_R = order_R // K
+    weights_R1 = weights_TK.reshape(-1)[order_R, None].to(x_TD.dtype)
+    h_RH = F.linear(x_TD, w_in, b_in).index_select(0, tokens_R)
+    if delta_in is not None:
+        h_RH = add_low_rank_(h_RH, x_TD.index_select(0, tokens_R), delta_in, counts_E)
+    a_RF = hidden_activation(h_RH, mlp.activation, mlp.is_glu)
+    mixed_TF = a_RF.new_zeros(T, a_RF.shape[1]).index_add(0, tokens_R, weights_R1 * a_RF)
+    y_TD = F.linear(mixed_TF, w_out)
+    if b_out is not None:  # each kept assignment adds its weight times the bias
+        kept_weight_T1 = weights_R1.new_zeros(T, 1).index_add(0, tokens_R, weights_R1)
+        y_TD = y_TD + kept_weight_T1 * b_out
+    if delta_out is not None:
+        update_RD = add_low_rank_(a_RF.new_zeros(a_RF.shape[0], y_TD.shape[1]), a_RF, delta_out, counts_E)
+        y_TD = y_TD.index_add(0, tokens_R, weights_R1 * update_RD)
+    return y_TD.to(weights_TK.dtype)
 
 
 def routed_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:

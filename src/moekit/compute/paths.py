@@ -203,6 +203,11 @@ def fused_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype)
     return mlp.routed_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
 
 
+def shared_base_routed(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """Experts sharing one base MLP: the base projections once per token (``mlp.shared_base_tokens``)."""
+    return mlp.shared_base_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
+
+
 def triton_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
     """Token gather and un-permute inside the Triton GEMMs, then the weighted sum over K."""
     T, K = plan.indices_TK.shape
@@ -290,6 +295,13 @@ for _path in (
         name="grouped_mm", summary="rows sorted by expert, one torch grouped_mm per projection",
         rows=mlp.grouped_rows, missing=lambda experts, x: mlp.grouped_mm_missing(experts, compute_dtype(x)),
         auto_rank=30, auto_when=_grouped_mm_traces, benchmark_devices=frozenset({"cpu", "cuda"}),
+    ),
+    # A mixture of LoRA experts computes its shared base once per token: K times less base work.
+    ComputePath(
+        name="shared_base", summary="experts sharing one base MLP: the base once per token, adapters per row",
+        rows=rows_by_the_experts, routed=shared_base_routed, auto_rank=5,
+        missing=lambda experts, x: None if getattr(experts, "shared_base", False) else
+        f"experts that share one base MLP, a mixture of LoRA experts (got {type(experts).__name__})",
     ),
     # Slower than grouped_mm on an H100 at every case measured (BENCHMARKS.md): not in auto.
     ComputePath(
