@@ -159,3 +159,14 @@ def test_the_generated_tasks_have_the_correlation_asked_for():
     features, (click, conversion) = clicks_and_conversions(5000, seed=0)
     assert features.shape[0] == 5000 and set(click.tolist()) == {0.0, 1.0}
     assert 0.05 < conversion.mean() < click.mean() < 0.95
+
+
+def test_a_sparse_gate_takes_a_load_balancing_weight():
+    torch.manual_seed(0)
+    x = torch.randn(9, 6)
+    unweighted = MMoE(6, num_tasks=2, num_experts=4, d_ff=5, router="topk", top_k=2)
+    torch.manual_seed(0)
+    weighted = MMoE(6, num_tasks=2, num_experts=4, d_ff=5, router="topk", top_k=2, load_balance_coef=0.1)
+    assert float(unweighted(x).aux_loss) == 0.0
+    routings = [gate.router(x) for gate in weighted.gates]
+    torch.testing.assert_close(weighted(x).aux_loss, sum(0.1 * r.losses["load_balance"] for r in routings))

@@ -13,8 +13,6 @@ Shapes: N rows, D features, E experts.
 
 from __future__ import annotations
 
-import html
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ..data.multitask import clicks_and_conversions, correlated_regressions  # noqa: E402
 from ..models.multitask import PLE, MMoE, SharedBottom, multitask_loss  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS, html_table  # noqa: E402
+from .report import html_table, write_page  # noqa: E402
 
 CORRELATIONS = (1.0, 0.9, 0.5, 0.0)
 TRAIN_ROWS, TEST_ROWS = 10_000, 2_000
@@ -208,12 +206,5 @@ def write_multitask_report(results: dict, out: Path) -> Path:
          "experts first, then the shared ones).",
          html_table(recommendation_table(results["recommendation"])) + f'<img src="{gates_png}" alt="gates">'),
     ]
-    body = "".join(f"<section><h2>{html.escape(title)}</h2><p class=lead>{html.escape(lead)}</p>{content}</section>"
-                   for title, lead, content in sections)
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>moekit demo multitask</title>"
-            f"<style>{CSS}</style></head><body><header><div class=wrap><div><h1>moekit demo multitask: MMoE and "
-            f"PLE</h1><p>Generated data; every figure from moekit demo multitask.</p></div></div></header>"
-            f"<main class=wrap>{body}</main></body></html>")
-    (out / "index.html").write_text(page, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return out / "index.html"
+    return write_page(out, "moekit demo multitask: MMoE and PLE",
+                      "Generated data; every figure from moekit demo multitask.", sections, results)

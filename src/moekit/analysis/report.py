@@ -100,6 +100,19 @@ def html_table(markdown: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def write_page(out: Path, title: str, subtitle: str, sections: list[tuple[str, str, str]], results: dict) -> Path:
+    """out/index.html with ``sections`` ((heading, lead, HTML content) each) and out/results.json;
+    the page of the application demos."""
+    body = "".join(f"<section><h2>{html.escape(heading)}</h2><p class=lead>{html.escape(lead)}</p>{content}</section>"
+                   for heading, lead, content in sections)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><header><div class=wrap><div><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(subtitle)}</p></div></div></header><main class=wrap>{body}</main></body></html>")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return out / "index.html"
+
+
 def _tag(label: str) -> str:
     cls = label if label in ("MoE", "dense") else "other"
     return f'<span class="tag {cls}">{html.escape(label)}</span>'

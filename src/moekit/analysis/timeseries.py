@@ -15,7 +15,6 @@ Shapes: N steps, E experts, S regimes.
 from __future__ import annotations
 
 import html
-import json
 import statistics
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 from ..classic import MixtureOfExpertsRegressor  # noqa: E402
 from ..data.timeseries import REGIMES, lagged_features, regime_switching_series  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS, html_table  # noqa: E402
+from .report import html_table, write_page  # noqa: E402
 
 STEPS, TRAIN_STEPS, LAGS, WINDOW = 6000, 4000, 5, 10
 
@@ -115,15 +114,13 @@ def write_timeseries_report(runs: list[dict], out: Path) -> Path:
     lead = (f"{STEPS:,} steps per seed: the first {TRAIN_STEPS:,} fit the models, the rest are forecast one step "
             f"ahead from the last {LAGS} values and the mean and spread of the last {WINDOW}. Lower MSE is better; "
             "the oracle knows each step's true regime.")
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>moekit demo timeseries</title>"
-            f"<style>{CSS}</style></head><body><header><div class=wrap><div><h1>moekit demo timeseries: "
-            f"regimes</h1><p>A generated regime-switching series; every figure from moekit demo timeseries.</p>"
-            f"</div></div></header><main class=wrap><section><h2>Forecast error</h2><p class=lead>"
-            f"{html.escape(lead)}</p>{table}</section><section><h2>Recovered regimes</h2><p class=lead>Share of "
-            f"each true regime's test steps (columns) that the gate gives most weight to each expert (rows), "
-            f"seed {runs[0]['seed']}.</p><table><tr><th></th>{header}</tr>{body}</table>"
-            f'<img src="{png}" alt="series, regimes and gate"></section></main></body></html>')
-    (out / "index.html").write_text(page, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "plot"}
-                                                            for r in runs]}, indent=1))
-    return out / "index.html"
+    sections = [
+        ("Forecast error", lead, table),
+        ("Recovered regimes", f"Share of each true regime's test steps (columns) that the gate gives most weight "
+         f"to each expert (rows), seed {runs[0]['seed']}.",
+         f'<table><tr><th></th>{header}</tr>{body}</table><img src="{png}" alt="series, regimes and gate">'),
+    ]
+    results = {"runs": [{k: v for k, v in r.items() if k != "plot"} for r in runs]}
+    return write_page(out, "moekit demo timeseries: regimes",
+                      "A generated regime-switching series; every figure from moekit demo timeseries.", sections,
+                      results)

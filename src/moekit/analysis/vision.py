@@ -17,8 +17,6 @@ Shapes: B images, E experts, S patches.
 from __future__ import annotations
 
 import dataclasses
-import html
-import json
 import statistics
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from ..config import MoEConfig  # noqa: E402
 from ..models.vision import ViT, ViTConfig  # noqa: E402
 from ..routing import router_class  # noqa: E402
 from .plots import style_plots  # noqa: E402
-from .report import CSS, html_table  # noqa: E402
+from .report import html_table, write_page  # noqa: E402
 
 TEST_IMAGES = 500
 CAPACITY_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -206,15 +204,12 @@ def write_vision_report(results: dict, out: Path) -> Path:
     s = results["settings"]
     lead = (f"scikit-learn's 8×8 digits, {TEST_IMAGES} held out; {s['steps']} AdamW steps of {s['batch_size']} "
             f"images per model, {len(s['seeds'])} seed(s); equal parameters per patch in the MLP blocks.")
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>moekit demo vision</title>"
-            f"<style>{CSS}</style></head><body><header><div class=wrap><div><h1>moekit demo vision: V-MoE and "
-            f"Soft MoE</h1><p>Every figure from moekit demo vision.</p></div></div></header><main class=wrap>"
-            f"<section><h2>Accuracy</h2><p class=lead>{html.escape(lead)}</p>{html_table(accuracy_table(results))}"
-            f'<img src="{accuracy_png}" alt="accuracy against images seen"></section><section><h2>Experts and '
-            f"capacity</h2><p class=lead>The first seed's V-MoE: the share of each digit's patch assignments each "
-            f"expert keeps, and test accuracy when every MoE layer's capacity factor is changed after "
-            f"training.</p>{html_table(capacity_table(results))}"
-            f'<img src="{experts_png}" alt="classes per expert and capacity"></section></main></body></html>')
-    (out / "index.html").write_text(page, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return out / "index.html"
+    sections = [
+        ("Accuracy", lead, html_table(accuracy_table(results))
+         + f'<img src="{accuracy_png}" alt="accuracy against images seen">'),
+        ("Experts and capacity", "The first seed's V-MoE: the share of each digit's patch assignments each expert "
+         "keeps, and test accuracy when every MoE layer's capacity factor is changed after training.",
+         html_table(capacity_table(results)) + f'<img src="{experts_png}" alt="classes per expert and capacity">'),
+    ]
+    return write_page(out, "moekit demo vision: V-MoE and Soft MoE", "Every figure from moekit demo vision.",
+                      sections, results)

@@ -68,8 +68,9 @@ class Gate(nn.Module):
     def __init__(self, d_model: int, num_experts: int, router: str = "softmax", top_k: int | None = None,
                  **loss_coefs: float):
         super().__init__()
+        # No balancing loss unless asked for: a dense gate over a few experts needs none.
         self.config = MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=top_k, router=router,
-                                load_balance_coef=0.0, **loss_coefs)
+                                **dict({"load_balance_coef": 0.0}, **loss_coefs))
         self.router = router_class(router).from_config(self.config)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
