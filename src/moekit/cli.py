@@ -12,11 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+from .apps.arguments import THREADS_HELP
+from .apps.arguments import add_offload_args as _add_offload_args
+from .apps.arguments import add_parallel_args as _add_parallel_args
+from .apps.arguments import add_surgery_args as _add_surgery_args
+from .apps.arguments import positive_int as _positive_int
 from .apps.common import DEMO_DEFAULTS, DEMO_VOCAB_SIZE, TRAIN_DEFAULTS, CLIError
 
 DEMO_OUT = "runs/demo"
-THREADS_HELP = ("torch CPU threads (default: the count the run recorded, else the cores other processes "
-                "do not keep busy now)")
 
 
 def _command(module: str, name: str):
@@ -31,16 +34,6 @@ def _command(module: str, name: str):
 
 
 # --- argument groups shared by train and demo ---------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -105,35 +98,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
 
 
-def _add_surgery_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the trained run to start from (only read)")
-    p.add_argument("--out", required=True, metavar="NEW_RUN", help="the new run folder (must not hold a run)")
-    g = p.add_argument_group("training the new run (moekit train --resume NEW_RUN)")
-    g.add_argument("--steps", type=_positive_int, default=200, help="steps of the new run's schedule (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the source run's)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="seed of the new weights and the new run's batches (default: the source's seed + 1)")
-    g = p.add_argument_group("measuring")
-    g.add_argument("--eval-batches", type=_positive_int, default=16,
-                   help="validation batches for the losses and the captured router inputs (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
-
-
 # --- parser ---------------------------------------------------------------------------
-
-
-def _add_offload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("offloading (experts read from the checkpoint on demand)")
-    g.add_argument("--max-memory", metavar="SIZE", default=None,
-                   help="memory for the whole process, e.g. 600MB or 1.5GiB: the runtime, activations and "
-                   "non-expert weights stay resident, the rest caches experts per MoE layer, and the experts are "
-                   "read from the checkpoint file as needed (default: load every weight)")
-    g.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru",
-                   help="which cached expert a miss replaces (default: %(default)s)")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False,
-                   help="load the next layer's likely experts ahead of use on a background thread; off by default: "
-                   "on CPU a miss costs one memory copy and wrong guesses evict useful experts (BENCHMARKS.md)")
 
 
 def _sizes(text: str) -> list[int]:
@@ -178,13 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, TRAIN_DEFAULTS)
     _add_data_args(p, 4096)
     _add_train_args(p, TRAIN_DEFAULTS)
-    g = p.add_argument_group("parallelism (start the processes with torchrun; these apply with --resume too)")
-    g.add_argument("--expert-parallel", type=_positive_int, default=1, metavar="EP",
-                   help="shard each MoE layer's experts over EP processes; the processes torchrun starts must be "
-                   "a multiple of EP, and the rest is data parallel (default: %(default)s)")
-    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="process-group timeout: a rank that dies or hangs makes the others fail after this "
-                   "long (default: %(default)s)")
+    _add_parallel_args(p)
     p.set_defaults(func=_command("commands", "cmd_train"))
 
     p = sub.add_parser("eval", help="validation loss of a run's latest checkpoint",

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .compute.paths import ComputePath, resolve_path
 from .config import MoEConfig
@@ -160,10 +161,10 @@ class MoE(nn.Module):
         path = self.compute_path(x_TD)
         plan = self.dispatcher.plan(routing, self._capacity(x), path, x_TD)
         if self.dispatcher.fuses(path, plan):  # dispatch, experts and combine in one pass, no (R, D) rows
-            y_TD = path.routed(self.experts, x_TD, plan, x.dtype)
+            y_TD = self.experts.run(path.routed, x_TD, plan, x.dtype)
         else:
             x_RD, counts_E = self.dispatcher.dispatch(x_TD, plan)
-            y_RD = path.rows(self.experts, x_RD, counts_E)
+            y_RD = self.experts.run(path.rows, x_RD, counts_E)
             y_TD = self.dispatcher.combine(y_RD, plan, x.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD, valid_T).to(y_TD.dtype)
@@ -238,7 +239,8 @@ class MoE(nn.Module):
     def _parameter_dtype(self) -> torch.dtype | None:
         for module in (self.experts, self.router):
             for p in module.parameters():
-                if p.is_floating_point():
+                # A DTensor is FSDP's stored shard; the weights compute in its policy's dtype when gathered.
+                if p.is_floating_point() and not isinstance(p, DTensor):
                     return p.dtype
         return None
 

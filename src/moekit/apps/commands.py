@@ -26,11 +26,14 @@ def _setup_parallel(args):
     """A ParallelContext when torchrun started several processes or --expert-parallel asks for them."""
     from ..parallel import setup_parallel
 
-    if args.expert_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if args.mixed_precision != "fp32" and not args.fsdp:
+        raise CLIError(f"--mixed-precision {args.mixed_precision} is FSDP's policy: add --fsdp N (or use --bf16)")
+    if args.expert_parallel == 1 and not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     if args.dist_timeout <= 0:
         raise CLIError(f"--dist-timeout ({args.dist_timeout}) must be a positive number of seconds")
-    return setup_parallel(args.expert_parallel, args.dist_timeout, args.device)
+    return setup_parallel(args.expert_parallel, args.dist_timeout, args.device, fsdp_size=args.fsdp or 0,
+                          mixed_precision=args.mixed_precision)
 
 
 def cmd_train(args) -> int:
@@ -47,7 +50,8 @@ def _train(args, parallel) -> int:
 
     is_main = parallel is None or parallel.is_main
     if args.resume:
-        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel)
+        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel,
+                             activation_checkpointing=args.activation_checkpointing)
         if is_main:
             print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
     elif args.init_from:
@@ -58,7 +62,7 @@ def _train(args, parallel) -> int:
         model, tokenizer, _, _ = load_model(args.init_from)
         _, train_config = configs_from_args(args, tokenizer.vocab_size, moe=False)
         fork_run(Path(args.init_from), out, model, train_config, **({"data": args.data} if args.data else {}))
-        trainer = resume_run(out)
+        trainer = resume_run(out, activation_checkpointing=args.activation_checkpointing)
         print(f"run folder {out}: from {args.init_from}, stage {args.stage}", file=sys.stderr)
     else:
         if args.stage == "gate":
@@ -74,14 +78,13 @@ def _train(args, parallel) -> int:
         prepared = prepare_data(data_config)  # a new tokenizer; new_run saves it in the run folder
         model_config, train_config = configs_from_args(args, prepared.tokenizer.vocab_size)
         trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite,
-                          parallel=parallel)
+                          parallel=parallel, activation_checkpointing=args.activation_checkpointing)
         if is_main:
             print(f"run folder {out}: {trainer.num_parameters / 1e6:.2f} M parameters, "
                   f"{trainer.num_active_parameters / 1e6:.2f} M active per token; "
                   f"{prepared.tokens.train_N.numel():,} training tokens", file=sys.stderr)
     if is_main and parallel is not None:
-        print(f"{parallel.world_size} processes: experts sharded over {parallel.ep_size} (expert parallel), "
-              f"{parallel.world_size // parallel.ep_size} data-parallel replica(s) of each expert", file=sys.stderr)
+        print(parallel.describe(), file=sys.stderr)
     if is_main:
         record_threads(trainer.run_dir, args.threads)  # resume, eval and generate reuse it
     finished = trainer.fit()

@@ -50,6 +50,12 @@ class Experts(nn.Module):
         counts_E[e] = x_ND.shape[0]
         return self(x_ND, counts_E)
 
+    def run(self, compute, *args):
+        """``compute(self, *args)``: the MoE layer calls its compute path through this method, so
+        that a wrapper preparing the weights before each use (FSDP's all-gather,
+        ``moekit.parallel.fully_shard_model``) sees every use."""
+        return compute(self, *args)
+
     def shard(self, first: int, count: int) -> Experts:
         """Experts [first, first + count) as a new module, for expert parallelism."""
         raise TypeError(

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MoEConfig
 from ..layer import MoE, MoERouting
@@ -259,6 +260,8 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.adapter is not None:
             apply_adapter(self, config.adapter, config.router_init_std)
+        # Recompute each block's activations in backward (memory for time); a runtime choice, not config.
+        self.activation_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -297,8 +300,12 @@ class LanguageModel(nn.Module):
         loss_dtype = torch.promote_types(x.dtype, torch.float32)
         aux_loss = x.new_zeros((), dtype=loss_dtype)
         routings = []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.blocks):
-            x, block_aux, routing = block(x, attend, idx, layer)
+            if recompute:  # keep only each block's input; backward runs the block again
+                x, block_aux, routing = checkpoint(block, x, attend, idx, layer, use_reentrant=False)
+            else:
+                x, block_aux, routing = block(x, attend, idx, layer)
             if routing is not None:
                 aux_loss = aux_loss + block_aux
                 routings.append(routing)

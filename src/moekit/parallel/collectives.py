@@ -14,6 +14,7 @@ L local experts, C = L + 1 (per-expert counts and their total).
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,21 @@ def collective_failed(what: str, group, err: Exception) -> RuntimeError:
         f"expert parallel: {what} failed on rank {rank} of {size}; a peer rank probably exited, "
         f"crashed or did not reach this step within the process-group timeout ({detail})"
     )
+
+
+# What gloo's and NCCL's errors say when a peer exited or a collective timed out.
+_BACKEND_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
+
+
+def backend_failure(err: BaseException, what: str, group=None) -> RuntimeError | None:
+    """moekit's ``collective_failed`` error for a backend error raised by a collective moekit did
+    not issue itself (FSDP's all-gather and reduce-scatter, DDP's all-reduce); None for any
+    other error, which must surface as it is."""
+    if not isinstance(err, RuntimeError) or str(err).startswith("expert parallel:"):
+        return None
+    if isinstance(err, getattr(dist, "DistError", ())) or _BACKEND_FAILURE.search(str(err)):
+        return collective_failed(what, group, err)
+    return None
 
 
 @contextlib.contextmanager

@@ -83,12 +83,16 @@ class ExpertParallelDispatcher(Dispatcher):
         num_experts: E, over all ranks.
         global_losses: the losses the router reports as formulas of sums over tokens;
             ``report`` computes them over the global batch.
+        loss_group: the ranks whose tokens make that batch (default: ``group``). With data
+            parallelism over several EP groups, all ranks: the losses are then those of the
+            single-process run on every rank's tokens.
     """
 
     routed_forms = False
 
-    def __init__(self, group, num_experts: int, global_losses: frozenset[str] = frozenset()):
+    def __init__(self, group, num_experts: int, global_losses: frozenset[str] = frozenset(), loss_group=None):
         self.group, self.num_experts, self.global_losses = group, num_experts, frozenset(global_losses)
+        self.loss_group = group if loss_group is None else loss_group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size != 0:
@@ -100,7 +104,7 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def __deepcopy__(self, memo) -> ExpertParallelDispatcher:
         # Process groups are shared handles, not copyable state.
-        return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses)
+        return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses, self.loss_group)
 
     def exchange_counts(self, counts_E: Tensor, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> Tensor:
         """Integer all-to-all of per-expert row counts: (P, L) received from each rank.
@@ -160,7 +164,8 @@ class ExpertParallelDispatcher(Dispatcher):
         return plan.local.combine(y_RD, out_dtype)
 
     def report(self, routing, plan: ExchangePlan) -> tuple[Dispatched, Mapping[str, Tensor]]:
-        """Losses and rows per expert over the group's tokens, from one all-reduce."""
+        """Losses over the loss group's tokens, rows per expert over the EP group's."""
+        E = self.num_experts
         local = plan.local.dispatched()
         names = [name for name in routing.losses if name in self.global_losses]
         sum_names = list(dict.fromkeys(s for name in names for s in LOSS_SUMS[name]))
@@ -168,8 +173,12 @@ class ExpertParallelDispatcher(Dispatcher):
         device = local.tokens_per_expert_E.device
         pieces = [torch.as_tensor(routing.sums[s], dtype=dtype, device=device).reshape(-1) for s in sum_names]
         sizes = [p.numel() for p in pieces]
-        global_S = all_reduce_sum(torch.cat([*pieces, local.tokens_per_expert_E.to(dtype)]), self.group)
-        *sums, processed_E = global_S.split([*sizes, self.num_experts])
+        rows_E = local.tokens_per_expert_E.to(dtype)
+        if self.loss_group is self.group:  # one all-reduce
+            *sums, processed_E = all_reduce_sum(torch.cat([*pieces, rows_E]), self.group).split([*sizes, E])
+        else:
+            sums = all_reduce_sum(torch.cat(pieces), self.loss_group).split(sizes) if pieces else []
+            processed_E = all_reduce_sum(rows_E, self.group)
         shaped = {s: v.reshape(torch.as_tensor(routing.sums[s]).shape) for s, v in zip(sum_names, sums, strict=True)}
         losses = losses_from_sums(names, shaped, self.num_experts)
         return Dispatched(processed_E.detach().round().long(), local.kept_TK, local.num_dropped), losses

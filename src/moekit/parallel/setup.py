@@ -130,14 +130,16 @@ def check_shardable(name: str, moe: MoE) -> None:
             "(not in its global_losses): set its coefficient to 0")
 
 
-def expert_parallel(model: nn.Module, group=None) -> nn.Module:
+def expert_parallel(model: nn.Module, group=None, loss_group=None) -> nn.Module:
     """Shard the experts of every MoE layer in ``model`` over the EP process ``group``
     (default: all ranks), in place; returns ``model``.
 
     Every rank must call this with a model built the same way (same config and
     seed): rank p keeps experts [p·E/P, (p+1)·E/P) of each layer. The layers'
     configs are all-gathered and compared first, so a mismatch raises the same
-    ``ValueError`` on every rank before any all-to-all.
+    ``ValueError`` on every rank before any all-to-all. ``loss_group``: the ranks over
+    whose tokens the balancing losses are computed (default: ``group``; all ranks when
+    several EP groups train data-parallel, as ``parallelize`` does).
     """
     if group is None:
         group = dist.group.WORLD
@@ -148,7 +150,7 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     check_fingerprints(fingerprints)
     for name, moe in layers:
         check_shardable(name, moe)
-        dispatcher = ExpertParallelDispatcher(group, moe.config.num_experts, moe.router.global_losses)
+        dispatcher = ExpertParallelDispatcher(group, moe.config.num_experts, moe.router.global_losses, loss_group)
         moe.experts = moe.experts.shard(dispatcher.first_expert, dispatcher.num_local)
         moe.dispatcher = dispatcher
     return model

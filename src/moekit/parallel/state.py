@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .collectives import named_collective
+from .fsdp import distribute_like, full_tensor
 from .setup import moe_layers, sharded_layers
 
 
@@ -30,11 +31,12 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict in the canonical unsharded layout, on every rank.
     Collective: every rank of each EP group must call it."""
     model = _unwrap(model)
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    state = {name: full_tensor(tensor.detach()) for name, tensor in model.state_dict().items()}
     for name, moe in sharded_layers(model):
         ep = moe.dispatcher
         prefix = f"{name}.experts." if name else "experts."
-        for key, tensor in moe.experts.state_dict().items():
+        for key in moe.experts.state_dict():
+            tensor = state[prefix + key]
             pieces = [torch.empty_like(tensor) for _ in range(ep.ep_size)]
             with named_collective("all-gather of expert weights", ep.group):
                 dist.all_gather(pieces, tensor.detach().contiguous(), group=ep.group)
@@ -60,9 +62,13 @@ def shard_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Te
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], strict: bool = True):
-    """Load a canonical (unsharded) state dict into a model at any EP size (EP = 1 included)."""
+    """Load a canonical (unsharded) state dict into a model at any EP size (EP = 1 included),
+    sharded by FSDP or not."""
     target = _unwrap(model)
-    return target.load_state_dict(shard_state_dict(target, state), strict=strict)
+    sharded = shard_state_dict(target, state)
+    own = target.state_dict()
+    sharded = {key: distribute_like(value, own[key]) if key in own else value for key, value in sharded.items()}
+    return target.load_state_dict(sharded, strict=strict)
 
 
 def expert_dispatchers(model: nn.Module) -> dict[int, object]:
@@ -88,29 +94,36 @@ def full_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
     dispatchers = expert_dispatchers(_unwrap(model))
     for idx, param in enumerate(_optimizer_params(optimizer)):
         ep = dispatchers.get(id(param))
-        if ep is None:
-            continue
         for key in sorted(optimizer.state.get(param, {})):
-            name = f"state.{idx}.{key}"
-            local = tensors.get(name)
-            if local is None or local.shape != param.shape:
+            value = optimizer.state[param][key]
+            if not isinstance(value, Tensor) or value.dim() == 0:
                 continue  # AdamW's step count: a scalar, the same for every expert
-            pieces = [torch.empty_like(param) for _ in range(ep.ep_size)]
-            with named_collective("all-gather of expert optimizer state", ep.group):
-                dist.all_gather(pieces, optimizer.state[param][key].detach().contiguous(), group=ep.group)
-            tensors[name] = torch.cat(pieces).cpu().contiguous()
+            value = full_tensor(value.detach())  # FSDP's shards, collective in every rank's order
+            if ep is not None:
+                pieces = [torch.empty_like(value) for _ in range(ep.ep_size)]
+                with named_collective("all-gather of expert optimizer state", ep.group):
+                    dist.all_gather(pieces, value.contiguous(), group=ep.group)
+                value = torch.cat(pieces)
+            tensors[f"state.{idx}.{key}"] = value.cpu().contiguous()
     return tensors
 
 
 def shard_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
                             tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Canonical optimizer tensors cut down to this rank's experts (the inverse of the gather)."""
+    """Canonical optimizer tensors cut down to this rank's experts (the inverse of the gather),
+    and to this rank's FSDP shards of every parameter FSDP shards."""
     dispatchers = expert_dispatchers(_unwrap(model))
     sharded = dict(tensors)
     for idx, param in enumerate(_optimizer_params(optimizer)):
-        ep = dispatchers.get(id(param))
-        if ep is None:
-            continue
+        _shard_by_expert(sharded, tensors, idx, param, dispatchers.get(id(param)))
+        prefix = f"state.{idx}."
+        for name in [name for name in sharded if name.startswith(prefix) and sharded[name].dim() > 0]:
+            sharded[name] = distribute_like(sharded[name], param)
+    return sharded
+
+
+def _shard_by_expert(sharded: dict, tensors: dict, idx: int, param: Tensor, ep) -> None:
+    if ep is not None:
         prefix = f"state.{idx}."
         for name, full in tensors.items():
             if not name.startswith(prefix) or full.dim() == 0:
@@ -119,7 +132,6 @@ def shard_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
                 raise ValueError(f"optimizer state {name} has shape {tuple(full.shape)} in the checkpoint; "
                                  f"expected {(ep.num_experts, *param.shape[1:])} (all experts of that parameter)")
             sharded[name] = full[ep.first_expert:ep.first_expert + ep.num_local].clone()
-    return sharded
 
 
 __all__ = ["expert_dispatchers", "full_optimizer_tensors", "full_state_dict", "is_sharded", "load_full_state_dict",

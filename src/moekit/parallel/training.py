@@ -24,8 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
-from .collectives import named_collective
+from .collectives import backend_failure, named_collective
+from .fsdp import MIXED_PRECISION, fsdp_mesh, fsdp_squared_norm, fully_shard_model, is_fully_sharded
 from .setup import (
     data_parallel,
     expert_parallel,
@@ -38,10 +40,14 @@ from .state import expert_dispatchers, is_sharded
 
 @dataclass
 class ParallelContext:
-    """Where this process stands: its rank, the (dp, ep) mesh, and the EP size."""
+    """Where this process stands: its rank, the mesh, the EP size, and the FSDP size
+    (0: the non-expert parameters are replicated with DDP; N: sharded over N ranks with
+    FSDP2, ``moekit.parallel.fsdp``) with its mixed-precision policy."""
 
     mesh: DeviceMesh
     ep_size: int
+    fsdp_size: int = 0
+    mixed_precision: str = "fp32"
 
     @property
     def rank(self) -> int:
@@ -55,6 +61,21 @@ class ParallelContext:
     def is_main(self) -> bool:
         """Rank 0 writes the run folder; the others only compute."""
         return self.rank == 0
+
+    def describe(self) -> str:
+        """One line for the user: how the model is spread over the processes."""
+        world, ep = self.world_size, self.ep_size
+        experts = f"{world} processes: experts sharded over {ep} (expert parallel)"
+        if not self.fsdp_size:
+            return f"{experts}, {world // ep} data-parallel replica(s) of each expert"
+        replicas = world // self.fsdp_size
+        return (f"{experts}, each FSDP-sharded over its {world // ep} holder(s); the other parameters FSDP-sharded "
+                f"over {self.fsdp_size}" + (f", {replicas} replicas (HSDP)" if replicas > 1 else "")
+                + f"; {self.mixed_precision} weights in compute")
+
+    def named_failure(self, err: BaseException) -> RuntimeError | None:
+        """moekit's error for a collective that failed inside torch (FSDP, DDP), or None."""
+        return backend_failure(err, "a collective of FSDP or DDP (all-gather, reduce-scatter or all-reduce)")
 
     def barrier(self) -> None:
         with named_collective("barrier"):
@@ -98,28 +119,45 @@ class ParallelContext:
             dist.destroy_process_group()
 
 
-def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu") -> ParallelContext:
-    """The process group from torchrun's environment (unless one exists) and the (dp, ep) mesh."""
+def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_size: int = 0,
+                   mixed_precision: str = "fp32") -> ParallelContext:
+    """The process group from torchrun's environment (unless one exists) and the mesh: (dp, ep),
+    or with ``fsdp_size`` the (replicate, shard, ep) mesh of ``fsdp_mesh``."""
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"expert-parallel size ({ep_size!r}) must be a positive integer")
+    if isinstance(fsdp_size, bool) or not isinstance(fsdp_size, int) or fsdp_size < 0:
+        raise ValueError(f"FSDP size ({fsdp_size!r}) must be a positive integer (or 0: no FSDP)")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed precision ({mixed_precision!r}) must be one of {sorted(MIXED_PRECISION)}")
+    if mixed_precision != "fp32" and not fsdp_size:
+        raise ValueError(f"mixed precision {mixed_precision!r} is FSDP's policy: it needs an FSDP size")
     if not timeout_s > 0:
         raise ValueError(f"distributed timeout ({timeout_s!r} s) must be positive")
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
+            if fsdp_size:
+                raise ValueError(
+                    f"FSDP size {fsdp_size} needs {fsdp_size} processes (or a multiple); start them with torchrun, "
+                    f"e.g. `torchrun --nproc-per-node {fsdp_size} -m moekit train --fsdp {fsdp_size} "
+                    f"--expert-parallel {ep_size} ...`")
             raise ValueError(
                 f"expert-parallel size {ep_size} needs {ep_size} processes (or a multiple); start them with "
                 f"torchrun, e.g. `torchrun --nproc-per-node {ep_size} -m moekit train --expert-parallel {ep_size} ...`"
             )
         init_distributed(backend="nccl" if torch.device(device).type == "cuda" else "gloo", timeout_s=timeout_s)
     world = dist.get_world_size()
+    device_type = torch.device(device).type
+    if fsdp_size:
+        return ParallelContext(fsdp_mesh(fsdp_size, ep_size, device_type), ep_size, fsdp_size, mixed_precision)
     if world % ep_size != 0:
         raise ValueError(f"expert-parallel size ({ep_size}) must divide the number of processes ({world})")
-    return ParallelContext(expert_parallel_mesh(ep_size, torch.device(device).type), ep_size)
+    return ParallelContext(expert_parallel_mesh(ep_size, device_type), ep_size)
 
 
 def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
     """Shard ``model``'s MoE layers over the EP group (EP > 1) in place; return the module to
-    call for training steps (DDP over all ranks for everything that is not a sharded expert)."""
+    call for training steps: DDP over all ranks for everything that is not a sharded expert,
+    or (with an FSDP size) the model itself, sharded by ``fully_shard_model``."""
     if parallel.ep_size > 1:
         layers = moe_layers(model)
         if not layers:
@@ -128,7 +166,11 @@ def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
         if num_experts % parallel.ep_size:
             raise ValueError(f"experts per layer ({num_experts}) must be divisible by the expert-parallel size "
                              f"({parallel.ep_size})")
-        expert_parallel(model, parallel.mesh.get_group("ep"))
+        # The balancing losses over every rank's tokens: those of the single-process global batch.
+        loss_group = dist.group.WORLD if parallel.world_size > parallel.ep_size else None
+        expert_parallel(model, parallel.mesh.get_group("ep"), loss_group=loss_group)
+    if parallel.fsdp_size:
+        return fully_shard_model(model, parallel.mesh, mixed_precision=parallel.mixed_precision)
     if parallel.world_size == 1:
         return model
     # The buffers are the rotary tables, equal on every rank: nothing to broadcast each step
@@ -143,7 +185,8 @@ def reduce_gradients(model: nn.Module, parallel: ParallelContext) -> None:
     gradients to those of the global mean loss too."""
     from .setup import reduce_expert_gradients
 
-    if is_sharded(model):
+    # Under FSDP its reduce-scatter did it, unless every expert has a single holder (nothing reduced).
+    if is_sharded(model) and (not is_fully_sharded(model) or parallel.mesh["dp"].size() == 1):
         reduce_expert_gradients(model, parallel.mesh)
 
 
@@ -153,6 +196,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ParallelContext 
     reduction the ranks of a dp group hold the same expert gradients), the replicated
     parameters' counted once. Returns the total norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
+    if is_fully_sharded(model):
+        total = fsdp_squared_norm(model, parallel.mesh).sqrt()
+        # As clip_grads_with_norm_ scales, on each rank's shards (views of the DTensor gradients).
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for param in params:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            grad.mul_(coef.to(grad.dtype))
+        return total
     if parallel is None or not is_sharded(model):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     experts = expert_dispatchers(model)

@@ -102,6 +102,7 @@ class Trainer:
         description: str | None = None,
         parallel: ParallelContext | None = None,
         model: torch.nn.Module | None = None,
+        activation_checkpointing: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.model_config, self.config = model_config, train_config
@@ -116,6 +117,10 @@ class Trainer:
                              "continue it with the moekit finetune command that started it")
         # A model built by the caller (a converted Hugging Face model: moekit finetune), or ours.
         self.model = (model if model is not None else LanguageModel(model_config)).to(train_config.device)
+        if activation_checkpointing:
+            if not hasattr(self.model, "activation_checkpointing"):
+                raise ValueError(f"activation checkpointing: {type(self.model).__name__} does not support it")
+            self.model.activation_checkpointing = True
         if parallel is not None and (train_config.stage != "full" or train_config.freeze_old_experts):
             # The row masks and forced routing index all E experts; a rank holds a shard of them.
             raise ValueError(f"stage ({train_config.stage!r}) and freeze_old_experts "
@@ -322,6 +327,12 @@ class Trainer:
                     )
                 return False
             return True
+        except RuntimeError as err:
+            # FSDP's and DDP's own collectives raise the backend's error when a peer rank dies: name it.
+            named = None if self.parallel is None else self.parallel.named_failure(err)
+            if named is None:
+                raise
+            raise named from err
         finally:
             bar.close()
             if self.metrics is not None:
