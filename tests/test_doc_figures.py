@@ -177,3 +177,23 @@ def test_docs_lm_quotes_the_recorded_ablation():
     spec.loader.exec_module(script)
     expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
     assert _page_tables(ROOT / "docs" / "lm.md", "lm_ablation") == {"table": expected}
+
+
+def _fsdp_memory_script():
+    spec = importlib.util.spec_from_file_location("fsdp_memory", ROOT / "benchmarks" / "fsdp_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_docs_distributed_quotes_the_recorded_memory():
+    script = _fsdp_memory_script()
+    expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
+    assert _page_tables(ROOT / "docs" / "distributed.md", "fsdp_memory") == {"table": expected}
+
+
+@pytest.mark.slow
+def test_the_memory_script_still_gives_the_recorded_bytes(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--out", str(tmp_path / "m.json")],
+                   check=True, capture_output=True, cwd=ROOT)
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(_fsdp_memory_script().FIGURES.read_text())
