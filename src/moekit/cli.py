@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(p)
     p.set_defaults(func=_command("commands", "cmd_train"))
 
+    p = sub.add_parser("convert-checkpoint", help="rewrite a run's latest checkpoint as one file or as shards",
+                       description="Rewrite a run's latest checkpoint in the single-file safetensors layout "
+                       "(canonical) or as torch.distributed.checkpoint shards (sharded), in one process.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by moekit train")
+    p.add_argument("--to", choices=("canonical", "sharded"), required=True, help="the layout to write")
+    p.set_defaults(func=_command("commands", "cmd_convert_checkpoint"))
+
     p = sub.add_parser("eval", help="validation loss of a run's latest checkpoint",
                        description="Evaluate a run's latest checkpoint on its validation split; prints JSON.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by moekit train")

@@ -60,6 +60,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    "float32; the weights and optimizer state stay float32 (default: %(default)s)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward instead of keeping them")
+    g.add_argument("--sharded-checkpoints", action="store_true",
+                   help="write checkpoints with torch.distributed.checkpoint, each process its own shards (a folder "
+                   "per step that loads at any process count; moekit convert-checkpoint makes it one file)")
     g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="process-group timeout: a rank that dies or hangs makes the others fail after this "
                    "long (default: %(default)s)")

@@ -36,6 +36,24 @@ def _setup_parallel(args):
                           mixed_precision=args.mixed_precision)
 
 
+def _runtime_options(args) -> dict:
+    """Trainer options of this invocation only (not saved in the run's config)."""
+    return dict(activation_checkpointing=args.activation_checkpointing, sharded_checkpoints=args.sharded_checkpoints)
+
+
+def cmd_convert_checkpoint(args) -> int:
+    from ..train import latest_checkpoint
+    from ..train.settings import build_optimizer
+    from ..train.sharded import convert_checkpoint
+
+    model, _, train_config, _ = load_model(args.run_dir)
+    folder = latest_checkpoint(Path(args.run_dir))
+    model.train()
+    convert_checkpoint(folder, model, build_optimizer(model, train_config), args.to)
+    print(f"{folder}: {args.to}", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args) -> int:
     parallel = _setup_parallel(args)
     try:
@@ -50,8 +68,7 @@ def _train(args, parallel) -> int:
 
     is_main = parallel is None or parallel.is_main
     if args.resume:
-        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel,
-                             activation_checkpointing=args.activation_checkpointing)
+        trainer = resume_run(args.resume, steps=args.steps_override, parallel=parallel, **_runtime_options(args))
         if is_main:
             print(f"resuming {args.resume} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
     elif args.init_from:
@@ -62,7 +79,7 @@ def _train(args, parallel) -> int:
         model, tokenizer, _, _ = load_model(args.init_from)
         _, train_config = configs_from_args(args, tokenizer.vocab_size, moe=False)
         fork_run(Path(args.init_from), out, model, train_config, **({"data": args.data} if args.data else {}))
-        trainer = resume_run(out, activation_checkpointing=args.activation_checkpointing)
+        trainer = resume_run(out, **_runtime_options(args))
         print(f"run folder {out}: from {args.init_from}, stage {args.stage}", file=sys.stderr)
     else:
         if args.stage == "gate":
@@ -78,7 +95,7 @@ def _train(args, parallel) -> int:
         prepared = prepare_data(data_config)  # a new tokenizer; new_run saves it in the run folder
         model_config, train_config = configs_from_args(args, prepared.tokenizer.vocab_size)
         trainer = new_run(out, model_config, train_config, data_config, prepared=prepared, overwrite=args.overwrite,
-                          parallel=parallel, activation_checkpointing=args.activation_checkpointing)
+                          parallel=parallel, **_runtime_options(args))
         if is_main:
             print(f"run folder {out}: {trainer.num_parameters / 1e6:.2f} M parameters, "
                   f"{trainer.num_active_parameters / 1e6:.2f} M active per token; "

@@ -141,6 +141,15 @@ def check_same_parameters(model: nn.Module) -> None:
                              f"(name, shape, dtype), rank {rank} has {first[1]}; every rank must build the same model")
 
 
+def reshard(model: nn.Module) -> None:
+    """Register every FSDP module's sharded parameters again (the root keeps its gathered ones
+    after a forward without backward, e.g. an evaluation), so that the model's parameters are
+    the shards the optimizer holds."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

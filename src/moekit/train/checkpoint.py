@@ -140,6 +140,12 @@ def save_checkpoint(
                             trainer_state, keep=keep)
 
 
+def save_model_state(folder: Path, model: nn.Module, optimizer_state: dict[str, torch.Tensor]) -> None:
+    """model.safetensors and optimizer.safetensors of a step folder, each written atomically."""
+    atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+    atomic_write(Path(folder) / "optimizer.safetensors", lambda tmp: save_file(optimizer_state, str(tmp)))
+
+
 def write_checkpoint(
     run_dir: Path, step: int, write_model: Callable[[Path], None], optimizer_state: dict[str, torch.Tensor],
     optimizer_param_groups: list[dict], trainer_state: dict, keep: int = 2,
@@ -266,6 +272,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     Files that changed since the commit, non-finite weights and an optimizer state of
     another configuration are ``CheckpointError``s naming the file."""
     folder = Path(folder)
+    if (folder / "shards" / ".metadata").exists():  # written by torch.distributed.checkpoint
+        from .sharded import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(folder, model, optimizer)
     verify_checksums(folder)
     model_file = folder / "model.safetensors"
     try:

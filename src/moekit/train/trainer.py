@@ -55,6 +55,7 @@ from .settings import (  # noqa: F401  (re-exported: the trainer's public names)
     read_run_config,
     write_run_config,
 )
+from .sharded import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .stages import ClusterRouting, configure_trainable
 
 
@@ -103,12 +104,15 @@ class Trainer:
         parallel: ParallelContext | None = None,
         model: torch.nn.Module | None = None,
         activation_checkpointing: bool = False,
+        sharded_checkpoints: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.model_config, self.config = model_config, train_config
         self.data = data
         data.check_fits(model_config.context_length)
         self.parallel = parallel
+        # Checkpoints written by torch.distributed.checkpoint, each rank its shards (moekit.train.sharded).
+        self.sharded_checkpoints = sharded_checkpoints
         self.is_main = parallel is None or parallel.is_main
         self.progress, self.description = progress and self.is_main, description or self.run_dir.name
         torch.manual_seed(train_config.seed)
@@ -158,7 +162,8 @@ class Trainer:
                 state = load_checkpoint(folder, self.model, self.optimizer)
                 self._rng_state = state["rng"]
             else:
-                state = load_parallel_checkpoint(folder, self.model, self.optimizer)
+                state = (load_sharded_checkpoint(folder, self.model, self.optimizer, parallel)
+                         if is_sharded_checkpoint(folder) else load_parallel_checkpoint(folder, self.model, self.optimizer))
                 self._rng_state = rank_rng_state(state, parallel.rank, parallel.world_size)
                 if self._rng_state is None:
                     self._rng_seed = rank_seed(train_config.seed, state["step"], parallel.rank)
@@ -192,6 +197,9 @@ class Trainer:
 
     def save(self) -> Path:
         check_finite_state(list(self.model.named_parameters()), f"the weights at step {self.step}")
+        if self.sharded_checkpoints:  # collective under self.parallel
+            return save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                           self._trainer_state(), self.parallel)
         if self.parallel is not None:  # collective: every rank calls it, rank 0 writes
             return save_parallel_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                             self._trainer_state(), self.parallel)
