@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -160,14 +161,13 @@ class MoE(nn.Module):
             routing = with_added_sums(routing, self.loss_sums_offset, self.router.global_losses, losses_from_sums)
         path = self.compute_path(x_TD)
         plan = self.dispatcher.plan(routing, self._capacity(x), path, x_TD)
+        shared = None if self.shared_experts is None else partial(self.shared_experts, x_TD, valid_T)
         if self.dispatcher.fuses(path, plan):  # dispatch, experts and combine in one pass, no (R, D) rows
-            y_TD = self.experts.run(path.routed, x_TD, plan, x.dtype)
-        else:
-            x_RD, counts_E = self.dispatcher.dispatch(x_TD, plan)
-            y_RD = self.experts.run(path.rows, x_RD, counts_E)
-            y_TD = self.dispatcher.combine(y_RD, plan, x.dtype)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, valid_T).to(y_TD.dtype)
+            y_TD, shared_TD = self.experts.run(path.routed, x_TD, plan, x.dtype), shared and shared()
+        else:  # dispatch → experts on rows → combine (the shared experts where they hide communication)
+            y_TD, shared_TD = self.dispatcher.exchange(x_TD, plan, partial(self.experts.run, path.rows), x.dtype, shared)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD.to(y_TD.dtype)
         if self.config.check_finite and not bool(torch.isfinite(y_TD).all()):
             raise FloatingPointError(f"{self.name}: output contains NaN or Inf for a finite input (an expert overflowed)")
         dispatched, losses = self.dispatcher.report(routing, plan)

@@ -43,13 +43,15 @@ def _local_numel(model) -> tuple[int, int]:
 
 
 def _fsdp_worker(rank, world, root, prepared, model_config, train_config, data_config, layouts):
-    """Each (name, fsdp, ep, stop_at[, mixed precision, activation checkpointing]) layout trains its run."""
+    """Each (name, fsdp, ep, stop_at[, mixed precision, activation checkpointing, overlap chunks]) layout
+    trains its run."""
     from moekit.parallel import setup_parallel
 
     sizes = {}
     for name, fsdp, ep, stop_at, *options in layouts:
-        precision, recompute = options or ("fp32", False)
-        parallel = setup_parallel(ep_size=ep, timeout_s=30, fsdp_size=fsdp, mixed_precision=precision)
+        precision, recompute, chunks = (*options, 1) if len(options) == 2 else (options or ("fp32", False, 1))
+        parallel = setup_parallel(ep_size=ep, timeout_s=30, fsdp_size=fsdp, mixed_precision=precision,
+                                  overlap_chunks=chunks)
         trainer = new_run(Path(root) / name, model_config, train_config, data_config, prepared=prepared,
                           progress=False, parallel=parallel, activation_checkpointing=recompute)
         sizes[name] = _local_numel(trainer.model)
@@ -77,8 +79,9 @@ def runs(tmp_path_factory, prepared, tiny_data_config):
     assert new_run(root / "single", model_config, train_config, tiny_data_config, prepared=prepared,
                    progress=False).fit()
     args = (str(root), prepared, model_config, train_config, tiny_data_config)
-    sizes = expect_ok(run_ranks(_fsdp_worker, *args, [("f2e2", 2, 2, None), ("bf16-recompute", 2, 2, None, "bf16", True)],
-                                world_size=2, deadline_s=120))
+    layouts = [("f2e2", 2, 2, None), ("bf16-recompute", 2, 2, None, "bf16", True),
+               ("ddp-overlap", 0, 2, None, "fp32", False, 3)]
+    sizes = expect_ok(run_ranks(_fsdp_worker, *args, layouts, world_size=2, deadline_s=180))
     sizes4 = expect_ok(run_ranks(_fsdp_worker, *args, [("f4e2", 4, 2, None), ("f2e2-hsdp", 2, 2, STOP_AT)],
                                  world_size=4, deadline_s=240), world_size=4)
     return root, model_config, sizes, sizes4
@@ -94,7 +97,7 @@ def _assert_close_weights(folder: Path, reference: Path) -> None:
 
 def test_fsdp_with_expert_parallelism_trains_as_one_process(runs):
     root, *_ = runs
-    for name in ("f2e2", "f4e2"):
+    for name in ("f2e2", "f4e2", "ddp-overlap"):
         _assert_same_curve(root / name, root / "single")
         assert latest_checkpoint(root / name).name == f"step-{STEPS:06d}"
         _assert_close_weights(latest_checkpoint(root / name), latest_checkpoint(root / "single"))

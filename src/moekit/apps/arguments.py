@@ -55,6 +55,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="shard the non-expert parameters, gradients and optimizer state over N processes with FSDP2 "
                    "(replicated over the rest: HSDP), and each expert over the processes that hold it; N must "
                    "divide the number of processes and EP must divide N (default: DDP, nothing sharded but experts)")
+    g.add_argument("--overlap-chunks", type=positive_int, default=1, metavar="C",
+                   help="with expert parallelism: exchange each MoE layer's rows in C chunks, each chunk's "
+                   "all-to-all running behind the previous chunk's experts and the shared experts (default: "
+                   "%(default)s, no overlap)")
     g.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --fsdp: 'bf16' gathers and computes the weights in bfloat16 and reduces gradients in "
                    "float32; the weights and optimizer state stay float32 (default: %(default)s)")

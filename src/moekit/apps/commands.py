@@ -33,7 +33,7 @@ def _setup_parallel(args):
     if args.dist_timeout <= 0:
         raise CLIError(f"--dist-timeout ({args.dist_timeout}) must be a positive number of seconds")
     return setup_parallel(args.expert_parallel, args.dist_timeout, args.device, fsdp_size=args.fsdp or 0,
-                          mixed_precision=args.mixed_precision)
+                          mixed_precision=args.mixed_precision, overlap_chunks=args.overlap_chunks)
 
 
 def _runtime_options(args) -> dict:

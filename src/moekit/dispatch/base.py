@@ -103,5 +103,14 @@ class Dispatcher:
     def combine(self, y_RD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
 
+    def exchange(self, x_TD: Tensor, plan, experts_rows, out_dtype: torch.dtype,
+                 side=None) -> tuple[Tensor, Tensor | None]:
+        """dispatch → ``experts_rows(x_RD, counts_E)`` → combine. ``side()`` (the shared experts)
+        runs where a dispatcher can hide its communication behind it (expert parallelism with
+        overlap). Returns (y_TD, what ``side`` returned, or None)."""
+        x_RD, counts_E = self.dispatch(x_TD, plan)
+        y_TD = self.combine(experts_rows(x_RD, counts_E), plan, out_dtype)
+        return y_TD, None if side is None else side()
+
     def report(self, routing, plan) -> tuple[Dispatched, Mapping[str, Tensor]]:
         raise NotImplementedError

@@ -50,6 +50,7 @@ from .collectives import (
     check_same_dtypes,
     check_send_splits,
 )
+from .overlap import overlapped_exchange, plan_chunks
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ExchangePlan:
     by_expert_N: Tensor
     by_source_N: Tensor
     received_ND: Tensor | None = None
+    chunks: list | None = None  # the overlapped exchange's chunks (moekit.parallel.overlap)
 
 
 class ExpertParallelDispatcher(Dispatcher):
@@ -86,13 +88,19 @@ class ExpertParallelDispatcher(Dispatcher):
         loss_group: the ranks whose tokens make that batch (default: ``group``). With data
             parallelism over several EP groups, all ranks: the losses are then those of the
             single-process run on every rank's tokens.
+        overlap_chunks: C > 1 exchanges the rows in C chunks, each chunk's all-to-all running
+            behind the previous chunk's experts and the shared experts (``moekit.parallel.overlap``).
     """
 
     routed_forms = False
 
-    def __init__(self, group, num_experts: int, global_losses: frozenset[str] = frozenset(), loss_group=None):
+    def __init__(self, group, num_experts: int, global_losses: frozenset[str] = frozenset(), loss_group=None,
+                 overlap_chunks: int = 1):
         self.group, self.num_experts, self.global_losses = group, num_experts, frozenset(global_losses)
         self.loss_group = group if loss_group is None else loss_group
+        if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks ({overlap_chunks!r}) must be a positive integer")
+        self.overlap_chunks = overlap_chunks
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size != 0:
@@ -104,7 +112,8 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def __deepcopy__(self, memo) -> ExpertParallelDispatcher:
         # Process groups are shared handles, not copyable state.
-        return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses, self.loss_group)
+        return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses, self.loss_group,
+                                        self.overlap_chunks)
 
     def exchange_counts(self, counts_E: Tensor, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> Tensor:
         """Integer all-to-all of per-expert row counts: (P, L) received from each rank.
@@ -138,7 +147,16 @@ class ExpertParallelDispatcher(Dispatcher):
         by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
         by_source_N = torch.empty_like(by_expert_N)
         by_source_N[by_expert_N] = torch.arange(N, device=by_expert_N.device)
-        return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), by_expert_N, by_source_N)
+        chunks = None
+        if self.overlap_chunks > 1:
+            chunks = plan_chunks(local.counts_E.view(P, L), recv_counts_PL, self.overlap_chunks)
+        return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), by_expert_N, by_source_N,
+                            chunks=chunks)
+
+    def exchange(self, x_TD: Tensor, plan: ExchangePlan, experts_rows, out_dtype: torch.dtype, side=None):
+        if plan.chunks is None:
+            return super().exchange(x_TD, plan, experts_rows, out_dtype, side)
+        return overlapped_exchange(self, x_TD, plan, experts_rows, out_dtype, side)
 
     def dispatch(self, x_TD: Tensor, plan: ExchangePlan) -> tuple[Tensor, Tensor]:
         x_RD, _ = plan.local.gather(x_TD)

@@ -130,7 +130,7 @@ def check_shardable(name: str, moe: MoE) -> None:
             "(not in its global_losses): set its coefficient to 0")
 
 
-def expert_parallel(model: nn.Module, group=None, loss_group=None) -> nn.Module:
+def expert_parallel(model: nn.Module, group=None, loss_group=None, overlap_chunks: int = 1) -> nn.Module:
     """Shard the experts of every MoE layer in ``model`` over the EP process ``group``
     (default: all ranks), in place; returns ``model``.
 
@@ -139,7 +139,8 @@ def expert_parallel(model: nn.Module, group=None, loss_group=None) -> nn.Module:
     configs are all-gathered and compared first, so a mismatch raises the same
     ``ValueError`` on every rank before any all-to-all. ``loss_group``: the ranks over
     whose tokens the balancing losses are computed (default: ``group``; all ranks when
-    several EP groups train data-parallel, as ``parallelize`` does).
+    several EP groups train data-parallel, as ``parallelize`` does). ``overlap_chunks`` > 1
+    pipelines each layer's exchange in that many chunks (``moekit.parallel.overlap``).
     """
     if group is None:
         group = dist.group.WORLD
@@ -150,7 +151,8 @@ def expert_parallel(model: nn.Module, group=None, loss_group=None) -> nn.Module:
     check_fingerprints(fingerprints)
     for name, moe in layers:
         check_shardable(name, moe)
-        dispatcher = ExpertParallelDispatcher(group, moe.config.num_experts, moe.router.global_losses, loss_group)
+        dispatcher = ExpertParallelDispatcher(group, moe.config.num_experts, moe.router.global_losses, loss_group,
+                                              overlap_chunks)
         moe.experts = moe.experts.shard(dispatcher.first_expert, dispatcher.num_local)
         moe.dispatcher = dispatcher
     return model

@@ -48,6 +48,7 @@ class ParallelContext:
     ep_size: int
     fsdp_size: int = 0
     mixed_precision: str = "fp32"
+    overlap_chunks: int = 1
 
     @property
     def rank(self) -> int:
@@ -120,7 +121,7 @@ class ParallelContext:
 
 
 def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_size: int = 0,
-                   mixed_precision: str = "fp32") -> ParallelContext:
+                   mixed_precision: str = "fp32", overlap_chunks: int = 1) -> ParallelContext:
     """The process group from torchrun's environment (unless one exists) and the mesh: (dp, ep),
     or with ``fsdp_size`` the (replicate, shard, ep) mesh of ``fsdp_mesh``."""
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
@@ -129,6 +130,8 @@ def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_
         raise ValueError(f"FSDP size ({fsdp_size!r}) must be a positive integer (or 0: no FSDP)")
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed precision ({mixed_precision!r}) must be one of {sorted(MIXED_PRECISION)}")
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+        raise ValueError(f"overlap chunks ({overlap_chunks!r}) must be a positive integer")
     if mixed_precision != "fp32" and not fsdp_size:
         raise ValueError(f"mixed precision {mixed_precision!r} is FSDP's policy: it needs an FSDP size")
     if not timeout_s > 0:
@@ -148,10 +151,12 @@ def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_
     world = dist.get_world_size()
     device_type = torch.device(device).type
     if fsdp_size:
-        return ParallelContext(fsdp_mesh(fsdp_size, ep_size, device_type), ep_size, fsdp_size, mixed_precision)
-    if world % ep_size != 0:
+        mesh = fsdp_mesh(fsdp_size, ep_size, device_type)
+    elif world % ep_size != 0:
         raise ValueError(f"expert-parallel size ({ep_size}) must divide the number of processes ({world})")
-    return ParallelContext(expert_parallel_mesh(ep_size, device_type), ep_size)
+    else:
+        mesh = expert_parallel_mesh(ep_size, device_type)
+    return ParallelContext(mesh, ep_size, fsdp_size, mixed_precision, overlap_chunks)
 
 
 def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
@@ -168,7 +173,8 @@ def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
                              f"({parallel.ep_size})")
         # The balancing losses over every rank's tokens: those of the single-process global batch.
         loss_group = dist.group.WORLD if parallel.world_size > parallel.ep_size else None
-        expert_parallel(model, parallel.mesh.get_group("ep"), loss_group=loss_group)
+        expert_parallel(model, parallel.mesh.get_group("ep"), loss_group=loss_group,
+                        overlap_chunks=parallel.overlap_chunks)
     if parallel.fsdp_size:
         return fully_shard_model(model, parallel.mesh, mixed_precision=parallel.mixed_precision)
     if parallel.world_size == 1:
