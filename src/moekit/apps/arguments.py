@@ -59,6 +59,12 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="with expert parallelism: exchange each MoE layer's rows in C chunks, each chunk's "
                    "all-to-all running behind the previous chunk's experts and the shared experts (default: "
                    "%(default)s, no overlap)")
+    g.add_argument("--replicate-every", type=int, default=0, metavar="N",
+                   help="with expert parallelism: every N steps, give the most loaded experts replicas on the "
+                   "least loaded ranks (from the rows each expert got since), their rows dealt over the holders; "
+                   "the model computes the same (default: 0, no replicas)")
+    g.add_argument("--replica-slots", type=positive_int, default=1, metavar="S",
+                   help="replicas each rank may hold per MoE layer, with --replicate-every (default: %(default)s)")
     g.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --fsdp: 'bf16' gathers and computes the weights in bfloat16 and reduces gradients in "
                    "float32; the weights and optimizer state stay float32 (default: %(default)s)")

@@ -28,12 +28,15 @@ def _setup_parallel(args):
 
     if args.mixed_precision != "fp32" and not args.fsdp:
         raise CLIError(f"--mixed-precision {args.mixed_precision} is FSDP's policy: add --fsdp N (or use --bf16)")
+    if args.replicate_every < 0:
+        raise CLIError(f"--replicate-every ({args.replicate_every}) must be >= 0 (0: no replicas)")
     if args.expert_parallel == 1 and not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     if args.dist_timeout <= 0:
         raise CLIError(f"--dist-timeout ({args.dist_timeout}) must be a positive number of seconds")
     return setup_parallel(args.expert_parallel, args.dist_timeout, args.device, fsdp_size=args.fsdp or 0,
-                          mixed_precision=args.mixed_precision, overlap_chunks=args.overlap_chunks)
+                          mixed_precision=args.mixed_precision, overlap_chunks=args.overlap_chunks,
+                          replicate_every=args.replicate_every, replica_slots=args.replica_slots)
 
 
 def _runtime_options(args) -> dict:

@@ -51,6 +51,7 @@ from .collectives import (
     check_send_splits,
 )
 from .overlap import overlapped_exchange, plan_chunks
+from .replication import replica_experts, replicated_plan
 
 
 @dataclass
@@ -109,19 +110,35 @@ class ExpertParallelDispatcher(Dispatcher):
             )
         self.num_local = num_experts // self.ep_size
         self.first_expert = self.ep_rank * self.num_local
+        # Hot-expert replicas (moekit.parallel.replication): the placement, the experts the replicas
+        # copy, and the rows per expert routed since the placement was made (for re-planning).
+        self.placement = self.replica_source = self.load_E = None
+        self.track_load = False
+
+    def replicate(self, experts, placement) -> None:
+        """Hold ``placement``'s replicas of ``experts`` (this layer's experts); None: none."""
+        if placement is not None:
+            if (placement.num_experts, placement.ep_size) != (self.num_experts, self.ep_size):
+                raise ValueError(f"the placement is for {placement.num_experts} experts over {placement.ep_size} "
+                                 f"ranks; this layer has {self.num_experts} over {self.ep_size}")
+            if self.overlap_chunks > 1:
+                raise ValueError("hot-expert replication and the overlapped exchange do not combine yet: "
+                                 "use overlap_chunks = 1 with replicas")
+        self.placement, self.replica_source = placement, experts
 
     def __deepcopy__(self, memo) -> ExpertParallelDispatcher:
         # Process groups are shared handles, not copyable state.
         return ExpertParallelDispatcher(self.group, self.num_experts, self.global_losses, self.loss_group,
                                         self.overlap_chunks)
 
-    def exchange_counts(self, counts_E: Tensor, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> Tensor:
+    def exchange_counts(self, counts_E: Tensor, dtypes: tuple[torch.dtype, torch.dtype] | None = None,
+                        num_local: int | None = None) -> Tensor:
         """Integer all-to-all of per-expert row counts: (P, L) received from each rank.
 
         ``dtypes`` (the rows' dtype, the dtype the experts compute in) ride along and must
         be every rank's: rows of different dtypes cannot be exchanged (gloo would garble
         or abort)."""
-        P, L = self.ep_size, self.num_local
+        P, L = self.ep_size, num_local or self.num_local
         counts_PL = counts_E.view(P, L)
         codes = [DTYPE_CODES.index(d) if d in DTYPE_CODES else -1 for d in (dtypes or ())]
         extra = torch.tensor(codes, dtype=counts_PL.dtype, device=counts_PL.device).expand(P, len(codes))
@@ -134,9 +151,12 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def plan(self, routing, capacity: Capacity, path, x_TD: Tensor | None = None) -> ExchangePlan:
         P, L = self.ep_size, self.num_local
-        local = make_plan(routing, capacity)  # rows must exist to be sent: never a reference plan
+        if self.placement is None:
+            local = make_plan(routing, capacity)  # rows must exist to be sent: never a reference plan
+        else:  # each holder of an expert is a virtual expert: L' per rank, own experts first
+            local, L = replicated_plan(routing, capacity, self.placement, self.ep_rank), self.placement.slots_per_rank
         dtypes = None if x_TD is None else (x_TD.dtype, compute_dtype(x_TD))
-        recv_counts_PL = self.exchange_counts(local.counts_E, dtypes)
+        recv_counts_PL = self.exchange_counts(local.counts_E, dtypes, L)
         # NOTE: .tolist() syncs with the device; the splits are host-side arguments of all_to_all_single.
         send_splits = local.counts_E.view(P, L).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
@@ -154,9 +174,17 @@ class ExpertParallelDispatcher(Dispatcher):
                             chunks=chunks)
 
     def exchange(self, x_TD: Tensor, plan: ExchangePlan, experts_rows, out_dtype: torch.dtype, side=None):
-        if plan.chunks is None:
+        if plan.chunks is not None:
+            return overlapped_exchange(self, x_TD, plan, experts_rows, out_dtype, side)
+        if self.placement is None:
             return super().exchange(x_TD, plan, experts_rows, out_dtype, side)
-        return overlapped_exchange(self, x_TD, plan, experts_rows, out_dtype, side)
+        x_ND, counts_Lr = self.dispatch(x_TD, plan)
+        L = self.num_local
+        own = int(counts_Lr[:L].sum())
+        replicas, tie = replica_experts(self.replica_source, self.placement, self.group, self.ep_rank)
+        y_own = experts_rows(x_ND[:own], counts_Lr[:L])
+        y_ND = torch.cat([y_own, replicas(x_ND[own:], counts_Lr[L:]).to(y_own.dtype)]) + tie
+        return self.combine(y_ND, plan, out_dtype), None if side is None else side()
 
     def dispatch(self, x_TD: Tensor, plan: ExchangePlan) -> tuple[Tensor, Tensor]:
         x_RD, _ = plan.local.gather(x_TD)
@@ -192,6 +220,9 @@ class ExpertParallelDispatcher(Dispatcher):
         pieces = [torch.as_tensor(routing.sums[s], dtype=dtype, device=device).reshape(-1) for s in sum_names]
         sizes = [p.numel() for p in pieces]
         rows_E = local.tokens_per_expert_E.to(dtype)
+        if self.placement is not None:  # rows per virtual expert → per expert
+            rows_E = torch.zeros(E, dtype=dtype, device=device).index_add_(
+                0, self.placement.expert_of_virtual(device), rows_E)
         if self.loss_group is self.group:  # one all-reduce
             *sums, processed_E = all_reduce_sum(torch.cat([*pieces, rows_E]), self.group).split([*sizes, E])
         else:
@@ -199,4 +230,6 @@ class ExpertParallelDispatcher(Dispatcher):
             processed_E = all_reduce_sum(rows_E, self.group)
         shaped = {s: v.reshape(torch.as_tensor(routing.sums[s]).shape) for s, v in zip(sum_names, sums, strict=True)}
         losses = losses_from_sums(names, shaped, self.num_experts)
+        if self.track_load and torch.is_grad_enabled():  # training batches only, not evaluation
+            self.load_E = processed_E.detach() + (0 if self.load_E is None else self.load_E)
         return Dispatched(processed_E.detach().round().long(), local.kept_TK, local.num_dropped), losses

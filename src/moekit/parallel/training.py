@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from .collectives import backend_failure, named_collective
 from .fsdp import MIXED_PRECISION, fsdp_mesh, fsdp_squared_norm, fully_shard_model, is_fully_sharded
+from .replication import enable_replication
 from .setup import (
     data_parallel,
     expert_parallel,
@@ -49,6 +50,8 @@ class ParallelContext:
     fsdp_size: int = 0
     mixed_precision: str = "fp32"
     overlap_chunks: int = 1
+    replicate_every: int = 0
+    replica_slots: int = 1
 
     @property
     def rank(self) -> int:
@@ -121,7 +124,8 @@ class ParallelContext:
 
 
 def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_size: int = 0,
-                   mixed_precision: str = "fp32", overlap_chunks: int = 1) -> ParallelContext:
+                   mixed_precision: str = "fp32", overlap_chunks: int = 1, replicate_every: int = 0,
+                   replica_slots: int = 1) -> ParallelContext:
     """The process group from torchrun's environment (unless one exists) and the mesh: (dp, ep),
     or with ``fsdp_size`` the (replicate, shard, ep) mesh of ``fsdp_mesh``."""
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
@@ -132,6 +136,9 @@ def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_
         raise ValueError(f"mixed precision ({mixed_precision!r}) must be one of {sorted(MIXED_PRECISION)}")
     if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
         raise ValueError(f"overlap chunks ({overlap_chunks!r}) must be a positive integer")
+    for what, value, low in (("replicate-every", replicate_every, 0), ("replica slots", replica_slots, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{what} ({value!r}) must be an integer >= {low}")
     if mixed_precision != "fp32" and not fsdp_size:
         raise ValueError(f"mixed precision {mixed_precision!r} is FSDP's policy: it needs an FSDP size")
     if not timeout_s > 0:
@@ -156,7 +163,7 @@ def setup_parallel(ep_size: int, timeout_s: float, device: str = "cpu", *, fsdp_
         raise ValueError(f"expert-parallel size ({ep_size}) must divide the number of processes ({world})")
     else:
         mesh = expert_parallel_mesh(ep_size, device_type)
-    return ParallelContext(mesh, ep_size, fsdp_size, mixed_precision, overlap_chunks)
+    return ParallelContext(mesh, ep_size, fsdp_size, mixed_precision, overlap_chunks, replicate_every, replica_slots)
 
 
 def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
@@ -175,6 +182,10 @@ def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
         loss_group = dist.group.WORLD if parallel.world_size > parallel.ep_size else None
         expert_parallel(model, parallel.mesh.get_group("ep"), loss_group=loss_group,
                         overlap_chunks=parallel.overlap_chunks)
+        if parallel.replicate_every:  # replicas of the hot experts, placed every N steps (replan_replicas)
+            if parallel.fsdp_size:
+                raise ValueError("hot-expert replication copies whole experts: use it without --fsdp")
+            enable_replication(model, parallel.replica_slots)
     if parallel.fsdp_size:
         return fully_shard_model(model, parallel.mesh, mixed_precision=parallel.mixed_precision)
     if parallel.world_size == 1:

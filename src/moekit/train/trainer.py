@@ -32,6 +32,7 @@ from ..parallel import (
     reduce_gradients,
     reduce_routing_sums,
 )
+from ..parallel.replication import replan_replicas
 from .accumulation import micro_batch_sums, needs_global_sums, other_micro_batches
 from .checkpoint import (
     CheckpointError,
@@ -306,10 +307,13 @@ class Trainer:
                 self.step += 1
                 last = self.step == cfg.steps
                 record = None
+                if self.parallel is not None and self.parallel.replicate_every and \
+                        self.step % self.parallel.replicate_every == 0:
+                    record = {"step": self.step, "replication": replan_replicas(self.model)}
                 if self.step % cfg.log_every == 0 or last:
                     record = {"step": self.step, "tokens": self.step * tokens_per_step, "elapsed": self.elapsed,
-                              "lr": learning_rate(self.step - 1, cfg), "grad_norm": grad_norm}
-                    record.update(self.interval.summary())
+                              "lr": learning_rate(self.step - 1, cfg), "grad_norm": grad_norm,
+                              **(record or {}), **self.interval.summary()}
                     self.interval = IntervalStats()
                 if self.step % cfg.eval_every == 0 or last:
                     self.last_val_loss = evaluate(self.model, self.val_batches, cfg.device, cfg.bf16, self.parallel)
