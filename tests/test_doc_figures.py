@@ -197,3 +197,11 @@ def test_the_memory_script_still_gives_the_recorded_bytes(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--out", str(tmp_path / "m.json")],
                    check=True, capture_output=True, cwd=ROOT)
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(_fsdp_memory_script().FIGURES.read_text())
+
+
+def test_docs_distributed_quotes_the_recorded_planner_check():
+    spec = importlib.util.spec_from_file_location("planner_check", ROOT / "benchmarks" / "planner_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    expected = script.markdown_tables(json.loads(script.FIGURES.read_text()))
+    assert _page_tables(ROOT / "docs" / "distributed.md", "planner") == {"tables": expected}

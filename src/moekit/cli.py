@@ -146,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(p)
     p.set_defaults(func=_command("commands", "cmd_train"))
 
+    p = sub.add_parser("plan", help="predict step time and memory of layouts on 8 to 4096 devices",
+                       description="The cost model of moekit.parallel.planner: for each number of devices, the "
+                       "fastest (expert parallel, data parallel, DDP or FSDP, replica slots) layouts that fit, with "
+                       "predicted tokens/s, step time and memory per device (docs/distributed.md).")
+    p.add_argument("--model", choices=("gpt-oss-120b", "mixtral-8x7b", "demo"), default="mixtral-8x7b",
+                   help="the model's shapes (default: %(default)s)")
+    p.add_argument("--run", metavar="RUN_DIR", default=None, help="the shapes of a moekit run's model instead")
+    p.add_argument("--hardware", choices=("h100", "b200"), default="h100", help="device and links (default: %(default)s)")
+    p.add_argument("--devices", type=_positive_int, nargs=2, default=(8, 4096), metavar=("LOW", "HIGH"),
+                   help="device counts, powers of two from LOW to HIGH (default: 8 4096)")
+    p.add_argument("--tokens-per-device", type=_positive_int, default=None,
+                   help="tokens per device and micro-batch (default: one sequence)")
+    p.add_argument("--grad-accumulation", type=_positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--zipf", type=float, default=0.0, help="routing skew: Zipf exponent of expert loads (0: uniform)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="(default: %(default)s)")
+    p.add_argument("--top", type=_positive_int, default=3, help="layouts shown per device count (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_command("plan", "cmd_plan"))
+
     p = sub.add_parser("convert-checkpoint", help="rewrite a run's latest checkpoint as one file or as shards",
                        description="Rewrite a run's latest checkpoint in the single-file safetensors layout "
                        "(canonical) or as torch.distributed.checkpoint shards (sharded), in one process.")
