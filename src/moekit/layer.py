@@ -14,6 +14,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from .compute.paths import ComputePath, resolve_path
 from .config import MoEConfig
@@ -81,6 +81,12 @@ class MoERouting:
         if decision is None or name.startswith("__"):
             raise AttributeError(name)
         return getattr(decision, name)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    # Without torch.distributed.tensor imported (a heavy import moekit avoids) there is no DTensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class MoEOutput(NamedTuple):
@@ -240,7 +246,7 @@ class MoE(nn.Module):
         for module in (self.experts, self.router):
             for p in module.parameters():
                 # A DTensor is FSDP's stored shard; the weights compute in its policy's dtype when gathered.
-                if p.is_floating_point() and not isinstance(p, DTensor):
+                if p.is_floating_point() and not _is_dtensor(p):
                     return p.dtype
         return None
 

@@ -242,3 +242,49 @@ def test_ranks_with_different_dense_layers_get_a_named_error_on_every_rank():
     for message in messages:
         assert "FSDP: the ranks built different models" in message, message
         assert "('blocks.0.ffn.w_in.weight', (128, 32)" in message and "(192, 32)" in message, message
+
+
+def test_fsdp_options_are_checked_before_any_process_starts(monkeypatch, capsys, tmp_path, corpus_dir):
+    from moekit.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--out", str(tmp_path / "run"), "--data", str(corpus_dir)]
+    assert main(["train", "--fsdp", "4", "--expert-parallel", "2", *common]) == 2
+    assert "FSDP size 4 needs 4 processes" in capsys.readouterr().err
+    assert main(["train", "--mixed-precision", "bf16", *common]) == 2
+    assert "--mixed-precision bf16 is FSDP's policy: add --fsdp N" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_with_sharded_checkpoints_then_resume_at_another_layout(tmp_path, corpus_dir):
+    """docs/distributed.md's command lines: FSDP 2 × EP 2 under torchrun, sharded checkpoints,
+    resumed at EP 2 without FSDP and in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distributed_harness import _free_port
+
+    common = ["--data", str(corpus_dir), "--vocab-size", "320", "--val-fraction", "0.2", "--layers", "2",
+              "--d-model", "32", "--heads", "2", "--context-length", "32", "--d-ff", "64", "--experts", "4",
+              "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "2", "--log-every", "1",
+              "--checkpoint-every", "3", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1", "--master-port", str(_free_port()), "-m", "moekit", "train", *args]
+        subprocess.run(command, check=True, timeout=300, env=env, capture_output=True)
+
+    torchrun("--fsdp", "2", "--expert-parallel", "2", "--sharded-checkpoints", "--dist-timeout", "60",
+             "--out", str(tmp_path / "fsdp"), *common)
+    subprocess.run([sys.executable, "-m", "moekit", "train", "--out", str(tmp_path / "single"), *common],
+                   check=True, timeout=300, env=env, capture_output=True)
+    _assert_same_curve(tmp_path / "fsdp", tmp_path / "single")
+    torchrun("--resume", str(tmp_path / "fsdp"), "--resume-steps", "8", "--expert-parallel", "2",
+             "--sharded-checkpoints", "--dist-timeout", "60")
+    assert [row[0] for row in _curve(tmp_path / "fsdp")] == list(range(1, 9))
+    subprocess.run([sys.executable, "-m", "moekit", "train", "--resume", str(tmp_path / "fsdp"), "--resume-steps",
+                    "9"], check=True, timeout=300, env=env, capture_output=True)
+    assert [row[0] for row in _curve(tmp_path / "fsdp")] == list(range(1, 10))
