@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import init_rank, spawn_ranks
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures" / "fsdp_memory.json"
 
@@ -46,9 +45,7 @@ def rank_main(rank, world, port, args, layout, results):
     from moekit.models.lm import LanguageModel, LMConfig
     from moekit.parallel import moe_layers, parallelize, reduce_gradients, setup_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    init_rank(rank, world, port)
     _, _, ep, fsdp = layout
     config = LMConfig(vocab_size=args.vocab, context_length=64, n_layer=args.layers, n_head=4,
                       d_model=args.d_model, d_ff=args.d_ff,
@@ -78,19 +75,8 @@ def rank_main(rank, world, port, args, layout, results):
 
 
 def run_layout(args, layout) -> list[dict]:
-    world = layout[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=rank_main, args=(rank, world, port, args, layout, results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    reports = sorted(results.get(timeout=600) for _ in procs)
-    for proc in procs:
-        proc.join()
-    return [held for _, held in reports]
+    reports = spawn_ranks(rank_main, layout[1], args, layout, timeout_s=600)
+    return [reports[rank] for rank in sorted(reports)]
 
 
 def markdown_table(figures: dict) -> str:

@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import init_rank, spawn_ranks, timed_train_step
 
 
 def rank_main(rank, world, port, args, results):
     from moekit import MoEConfig
     from moekit.models.lm import LanguageModel, LMConfig
-    from moekit.parallel import clip_grad_norm, parallelize, reduce_gradients, setup_parallel
+    from moekit.parallel import parallelize, setup_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
+    init_rank(rank, world, port)
     config = LMConfig(vocab_size=4096, context_length=args.context_length, n_layer=args.layers, n_head=4,
                       d_model=args.d_model, d_ff=2 * args.d_model,
                       moe=MoEConfig(d_model=args.d_model, d_ff=2 * args.d_model, num_experts=args.experts, top_k=2,
@@ -50,35 +46,15 @@ def rank_main(rank, world, port, args, results):
     times = {chunks: [] for chunks in args.chunks}
     for round_ in range(args.rounds + 1):
         for chunks, parallel, model, train_model, optimizer in variants:
-            dist.barrier()
-            start = time.perf_counter()
-            out = train_model(parallel.share(idx), parallel.share(idx.roll(-1, 1)))
-            (out.loss + out.aux_loss).backward()
-            reduce_gradients(model, parallel)
-            clip_grad_norm(model, 1.0, parallel)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank's does
+            elapsed = timed_train_step(train_model, model, parallel, optimizer, idx)
             if round_ > 0:  # the first round warms up
-                times[chunks].append(float(elapsed))
+                times[chunks].append(elapsed)
     results.put((rank, times))
     dist.destroy_process_group()
 
 
 def run(world: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=rank_main, args=(rank, world, port, args, results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    reports = dict(results.get(timeout=1800) for _ in procs)
-    for proc in procs:
-        proc.join()
-    return reports[0]
+    return spawn_ranks(rank_main, world, args)[0]
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ gloo ranks here, and one published configuration.
 2. Measured: the LM training step of ``benchmarks/expert_parallel_lm.py``'s shape
    (4 MoE blocks, D = 128, E = 8, K = 2, expert width 256, vocabulary 4096, 16 × 128
    tokens per step) at 1, 2 and 4 processes (EP = processes, DDP), one thread each:
-   the median of 5 steps after 2, the slowest rank; and the peak resident memory each
-   rank added after start-up (``ru_maxrss``), the largest rank's.
+   the median of 5 steps after 2, the slowest rank; and the memory each rank added to its
+   resident set between start-up and the end of a forward (activations held, weights,
+   gradients and AdamW state allocated), the largest over steps and ranks.
 3. Predicted: ``moekit.parallel.planner.predict`` with the calibrated rates (the
    GEMM rate shared when there are more processes than cores), fp32.
 4. Published: GPT-OSS-120B on 64 B200 GPUs, EP 8, no TP/PP/CP, BF16, global batch
@@ -24,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import socket
 import statistics
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import init_rank, spawn_ranks, timed_train_step
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures" / "planner.json"
 SHAPE = dict(n_layer=4, d_model=128, n_head=4, vocab=4096, seq=128, num_experts=8, top_k=2, expert_d_ff=256)
@@ -69,8 +68,7 @@ def calibrate_compute() -> dict:
 
 
 def _a2a_rank(rank, world, port, results):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     out = {}
     for size in (4096, 4 * 2**20):
         x = torch.randn(size // 4)
@@ -80,37 +78,26 @@ def _a2a_rank(rank, world, port, results):
     dist.destroy_process_group()
 
 
-def _spawn(target, world, *args) -> dict:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=target, args=(rank, world, port, *args, results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    reports = dict(results.get(timeout=1800) for _ in procs)
-    for proc in procs:
-        proc.join()
-    return reports
-
-
 def calibrate_all_to_all() -> dict:
-    times = _spawn(_a2a_rank, 2)[0]
+    times = spawn_ranks(_a2a_rank, 2)[0]
     small, large = times[4096], times[4 * 2**20]
     # Each rank sends half of the buffer to the other rank.
     return {"latency": small, "bandwidth": (4 * 2**20 - 4096) / 2 / max(large - small, 1e-9)}
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _step_rank(rank, world, port, results):
     from moekit import MoEConfig
     from moekit.models.lm import LanguageModel, LMConfig
-    from moekit.parallel import clip_grad_norm, parallelize, reduce_gradients, setup_parallel
+    from moekit.parallel import parallelize, setup_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    init_rank(rank, world, port)
+    base_rss = _resident_bytes()
     D = SHAPE["d_model"]
     config = LMConfig(vocab_size=SHAPE["vocab"], context_length=SHAPE["seq"], n_layer=SHAPE["n_layer"],
                       n_head=SHAPE["n_head"], d_model=D, d_ff=2 * D,
@@ -122,27 +109,19 @@ def _step_rank(rank, world, port, results):
     train_model = parallelize(model, parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, SHAPE["vocab"], (GLOBAL_SEQUENCES, SHAPE["seq"]), generator=torch.Generator().manual_seed(1))
-    times = []
+    times, resident = [], []
     for step in range(7):
-        dist.barrier()
-        start = time.perf_counter()
-        out = train_model(parallel.share(idx), parallel.share(idx.roll(-1, 1)))
-        (out.loss + out.aux_loss).backward()
-        reduce_gradients(model, parallel)
-        clip_grad_norm(model, 1.0, parallel)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = torch.tensor([time.perf_counter() - start])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = timed_train_step(train_model, model, parallel, optimizer, idx,
+                                   after_forward=lambda: resident.append(_resident_bytes()))
         if step >= 2:
-            times.append(float(elapsed))
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024.0
+            times.append(elapsed)
+    peak = max(resident) - base_rss
     results.put((rank, {"step_s": statistics.median(times), "memory_bytes": peak}))
     dist.destroy_process_group()
 
 
 def measure_steps(world: int) -> dict:
-    reports = _spawn(_step_rank, world)
+    reports = spawn_ranks(_step_rank, world)
     return {"step_s": reports[0]["step_s"], "memory_bytes": max(r["memory_bytes"] for r in reports.values())}
 
 

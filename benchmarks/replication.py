@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import init_rank, spawn_ranks
 
 
 def zipf_choice(num_experts: int, top_k: int, s: float, seed: int):
@@ -46,9 +45,7 @@ def rank_main(rank, world, port, args, results):
     from moekit.parallel import expert_parallel
     from moekit.parallel.replication import enable_replication, replan_replicas
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
+    init_rank(rank, world, port)
     torch.manual_seed(0)
     base = MoE(MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k))
     x = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(rank))
@@ -106,17 +103,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=rank_main, args=(r, args.ranks, port, args, results)) for r in range(args.ranks)]
-    for proc in procs:
-        proc.start()
-    report = dict(results.get(timeout=3600) for _ in procs)[0]
-    for proc in procs:
-        proc.join()
+    report = spawn_ranks(rank_main, args.ranks, args, timeout_s=3600)[0]
     rows = []
     base_time = sorted(report["times"][0])[len(report["times"][0]) // 2]
     print(f"{'replica slots':>14}{'max/mean rank load':>20}{'median step ms':>16}{'vs no replicas':>16}")

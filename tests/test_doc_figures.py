@@ -179,15 +179,20 @@ def test_docs_lm_quotes_the_recorded_ablation():
     assert _page_tables(ROOT / "docs" / "lm.md", "lm_ablation") == {"table": expected}
 
 
-def _fsdp_memory_script():
-    spec = importlib.util.spec_from_file_location("fsdp_memory", ROOT / "benchmarks" / "fsdp_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (its folder on the path, for its shared helpers)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return script
 
 
 def test_docs_distributed_quotes_the_recorded_memory():
-    script = _fsdp_memory_script()
+    script = _benchmark("fsdp_memory")
     expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
     assert _page_tables(ROOT / "docs" / "distributed.md", "fsdp_memory") == {"table": expected}
 
@@ -196,12 +201,10 @@ def test_docs_distributed_quotes_the_recorded_memory():
 def test_the_memory_script_still_gives_the_recorded_bytes(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--out", str(tmp_path / "m.json")],
                    check=True, capture_output=True, cwd=ROOT)
-    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(_fsdp_memory_script().FIGURES.read_text())
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(_benchmark("fsdp_memory").FIGURES.read_text())
 
 
 def test_docs_distributed_quotes_the_recorded_planner_check():
-    spec = importlib.util.spec_from_file_location("planner_check", ROOT / "benchmarks" / "planner_check.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _benchmark("planner_check")
     expected = script.markdown_tables(json.loads(script.FIGURES.read_text()))
     assert _page_tables(ROOT / "docs" / "distributed.md", "planner") == {"tables": expected}
