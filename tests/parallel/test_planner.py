@@ -112,3 +112,19 @@ def test_moekit_plan_prints_the_best_layouts(capsys, tmp_path):
     assert "gpt-oss-120b: 2.13 B non-expert + 114.66 B expert parameters, 5.13 B active" in out
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["8", "16", "32", "64"]
     assert main(["plan", "--devices", "64", "8"]) == 2
+
+
+def test_moekit_plan_reads_the_shapes_of_a_run(tmp_path, prepared, tiny_data_config, capsys):
+    from lm_fixtures import tiny_model_config, tiny_train_config
+    from moekit.apps.plan import model_from_run
+    from moekit.cli import main
+    from moekit.train import new_run
+
+    config = tiny_model_config(prepared.tokenizer.vocab_size)
+    new_run(tmp_path / "run", config, tiny_train_config(steps=2), tiny_data_config, prepared=prepared, progress=False)
+    shape = model_from_run(str(tmp_path / "run"))
+    built = LanguageModel(config)
+    counts = shape.counts()
+    assert counts["dense"] + counts["experts"] == built.num_parameters()
+    assert main(["plan", "--run", str(tmp_path / "run"), "--devices", "8", "8", "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith("run: ")
