@@ -82,8 +82,8 @@ def runs(tmp_path_factory, prepared, tiny_data_config):
     layouts = [("f2e2", 2, 2, None), ("bf16-recompute", 2, 2, None, "bf16", True),
                ("ddp-overlap", 0, 2, None, "fp32", False, 3)]
     sizes = expect_ok(run_ranks(_fsdp_worker, *args, layouts, world_size=2, deadline_s=180))
-    sizes4 = expect_ok(run_ranks(_fsdp_worker, *args, [("f4e2", 4, 2, None), ("f2e2-hsdp", 2, 2, STOP_AT)],
-                                 world_size=4, deadline_s=240), world_size=4)
+    layouts4 = [("f4e2", 4, 2, None), ("f2e2-hsdp", 2, 2, STOP_AT), ("f4e2-overlap", 4, 2, None, "fp32", False, 2)]
+    sizes4 = expect_ok(run_ranks(_fsdp_worker, *args, layouts4, world_size=4, deadline_s=300), world_size=4)
     return root, model_config, sizes, sizes4
 
 
@@ -97,7 +97,7 @@ def _assert_close_weights(folder: Path, reference: Path) -> None:
 
 def test_fsdp_with_expert_parallelism_trains_as_one_process(runs):
     root, *_ = runs
-    for name in ("f2e2", "f4e2", "ddp-overlap"):
+    for name in ("f2e2", "f4e2", "ddp-overlap", "f4e2-overlap"):
         _assert_same_curve(root / name, root / "single")
         assert latest_checkpoint(root / name).name == f"step-{STEPS:06d}"
         _assert_close_weights(latest_checkpoint(root / name), latest_checkpoint(root / "single"))

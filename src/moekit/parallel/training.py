@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .collectives import backend_failure, named_collective
@@ -187,7 +188,14 @@ def parallelize(model: nn.Module, parallel: ParallelContext) -> nn.Module:
                 raise ValueError("hot-expert replication copies whole experts: use it without --fsdp")
             enable_replication(model, parallel.replica_slots)
     if parallel.fsdp_size:
-        return fully_shard_model(model, parallel.mesh, mixed_precision=parallel.mixed_precision)
+        model = fully_shard_model(model, parallel.mesh, mixed_precision=parallel.mixed_precision)
+        if parallel.overlap_chunks > 1:
+            # The overlapped exchange runs the experts once per chunk: keep their weights gathered
+            # from the first chunk to the layer's backward instead of gathering them C times.
+            for _, moe in moe_layers(model):
+                if isinstance(moe.experts, FSDPModule):
+                    moe.experts.set_reshard_after_forward(False)
+        return model
     if parallel.world_size == 1:
         return model
     # The buffers are the rotary tables, equal on every rank: nothing to broadcast each step
