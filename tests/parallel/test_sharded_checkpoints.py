@@ -152,3 +152,17 @@ def test_the_command_line_writes_shards_in_one_process_converts_and_evaluates(tm
     capsys.readouterr()
     assert main(["eval", str(run), "--batches", "2", "--batch-size", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["val_loss"] == sharded_loss
+
+
+def test_offloading_a_sharded_run_says_to_convert_it_first(tmp_path, corpus_dir, capsys):
+    from moekit.cli import main
+
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--context-length", "32",
+            "--experts", "4", "--batch-size", "4", "--vocab-size", "300", "--eval-every", "2", "--eval-batches", "1",
+            "--log-every", "1", "--steps", "2", "--data", str(corpus_dir)]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--sharded-checkpoints", *tiny]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batches", "1", "--batch-size", "2", "--max-memory", "2GB"]) == 2
+    err = capsys.readouterr().err
+    assert "holds sharded checkpoint files" in err and f"moekit convert-checkpoint {run} --to canonical" in err

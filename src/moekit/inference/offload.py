@@ -257,6 +257,9 @@ def load_offloaded_run(run_dir: str | Path, max_memory: int | str | None = None,
         raise ValueError(f"{str(run_dir)!r} has no checkpoint yet; train it first")
     if model_config.moe is None:
         raise ValueError(f"{str(run_dir)!r} is a dense model: it has no experts to offload")
+    if (folder / "shards").is_dir():
+        raise ValueError(f"{str(folder)!r} holds sharded checkpoint files; offloading reads experts from one file: "
+                         f"run moekit convert-checkpoint {run_dir} --to canonical first")
     verify_checksums(folder)  # the experts are read from this file for as long as the model runs
     file = folder / "model.safetensors"
     with torch.device("meta"):
