@@ -23,6 +23,9 @@ from moekit.train import latest_checkpoint, load_checkpoint, new_run, read_metri
 from moekit.train.sharded import SHARDS_DIR, convert_checkpoint, is_sharded_checkpoint
 
 STEPS, STOP_AT = 12, 6
+# A one-block MoE language model for the command-line tests.
+TINY_TRAIN = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--context-length", "32",
+              "--experts", "4", "--batch-size", "4", "--vocab-size", "300", "--eval-batches", "2", "--log-every", "1"]
 
 
 def _canonical(model) -> dict:
@@ -138,9 +141,7 @@ def test_a_step_folder_converts_to_one_file_and_back_unchanged(saved, tmp_path, 
 def test_the_command_line_writes_shards_in_one_process_converts_and_evaluates(tmp_path, corpus_dir, capsys):
     from moekit.cli import main
 
-    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--context-length", "32",
-            "--experts", "4", "--batch-size", "4", "--vocab-size", "300", "--eval-every", "3", "--eval-batches", "2",
-            "--log-every", "1", "--steps", "3", "--data", str(corpus_dir)]
+    tiny = [*TINY_TRAIN, "--steps", "3", "--eval-every", "3", "--data", str(corpus_dir)]
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--sharded-checkpoints", *tiny]) == 0
     assert is_sharded_checkpoint(latest_checkpoint(run))
@@ -157,9 +158,7 @@ def test_the_command_line_writes_shards_in_one_process_converts_and_evaluates(tm
 def test_offloading_a_sharded_run_says_to_convert_it_first(tmp_path, corpus_dir, capsys):
     from moekit.cli import main
 
-    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--context-length", "32",
-            "--experts", "4", "--batch-size", "4", "--vocab-size", "300", "--eval-every", "2", "--eval-batches", "1",
-            "--log-every", "1", "--steps", "2", "--data", str(corpus_dir)]
+    tiny = [*TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--data", str(corpus_dir)]
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--sharded-checkpoints", *tiny]) == 0
     capsys.readouterr()
