@@ -16,11 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _surgery_script():
-    spec = importlib.util.spec_from_file_location("surgery_benchmark", ROOT / "benchmarks" / "surgery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (its folder on the path, for its shared helpers)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return script
 
 
 def _page_tables(page: Path, source: str) -> dict[str, str]:
@@ -29,7 +34,7 @@ def _page_tables(page: Path, source: str) -> dict[str, str]:
 
 
 def test_docs_surgery_quotes_the_recorded_results():
-    script = _surgery_script()
+    script = _benchmark("surgery")
     expected = script.markdown_tables(json.loads(script.FIGURES.read_text()))
     quoted = _page_tables(ROOT / "docs" / "surgery.md", "surgery")
     assert quoted.keys() == expected.keys()
@@ -43,7 +48,7 @@ def test_the_surgery_script_still_gives_the_recorded_results(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "surgery.py"), "--out", str(out)], check=True,
                    capture_output=True, cwd=ROOT)
     fresh = json.loads((out / "surgery.json").read_text())
-    recorded = json.loads(_surgery_script().FIGURES.read_text())
+    recorded = json.loads(_benchmark("surgery").FIGURES.read_text())
 
     def numbers(value):
         if isinstance(value, dict):
@@ -88,23 +93,16 @@ def test_the_demo_still_gives_the_recorded_figures(fresh_demo):
     assert fresh["moe_steps_to_dense_loss"] == recorded["moe_steps_to_dense_loss"]
 
 
-def _finetune_script():
-    spec = importlib.util.spec_from_file_location("finetune_demo", ROOT / "benchmarks" / "finetune_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docs_finetune_quotes_the_recorded_fine_tuning_demo():
-    script = _finetune_script()
+    script = _benchmark("finetune_demo")
     expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
     assert _page_tables(ROOT / "docs" / "finetune.md", "finetune") == {"table": expected}
 
 
 @pytest.mark.slow
 def test_the_demo_still_gives_the_recorded_fine_tuning_losses(fresh_demo):
-    fresh = _finetune_script().figures_of(fresh_demo)
-    recorded = json.loads(_finetune_script().FIGURES.read_text())
+    fresh = _benchmark("finetune_demo").figures_of(fresh_demo)
+    recorded = json.loads(_benchmark("finetune_demo").FIGURES.read_text())
     for mine, theirs in zip(fresh["rows"], recorded["rows"], strict=True):
         assert mine["label"] == theirs["label"] and mine["trainable_parameters"] == theirs["trainable_parameters"]
         assert abs(mine["val_loss"] - theirs["val_loss"]) < 5e-4, (mine, theirs)
@@ -117,6 +115,13 @@ def _multitask_tables(results: dict) -> dict[str, str]:
     return {"sweep": sweep_table(results["summary"]), "recommendation": recommendation_table(results["recommendation"])}
 
 
+def _fresh_application_results(kind: str, tmp_path) -> dict:
+    """``moekit demo KIND`` run now, its results.json."""
+    subprocess.run([sys.executable, "-m", "moekit", "demo", kind, "--out", str(tmp_path / kind)], check=True,
+                   capture_output=True, cwd=ROOT)
+    return json.loads((tmp_path / kind / "report" / "results.json").read_text())
+
+
 def test_docs_multitask_quotes_the_recorded_demo():
     recorded = json.loads((ROOT / "docs" / "figures" / "multitask.json").read_text())
     assert _page_tables(ROOT / "docs" / "multitask.md", "multitask") == _multitask_tables(recorded)
@@ -124,9 +129,7 @@ def test_docs_multitask_quotes_the_recorded_demo():
 
 @pytest.mark.slow
 def test_the_multitask_demo_still_gives_the_recorded_figures(tmp_path):
-    subprocess.run([sys.executable, "-m", "moekit", "demo", "multitask", "--out", str(tmp_path / "mt")], check=True,
-                   capture_output=True, cwd=ROOT)
-    fresh = json.loads((tmp_path / "mt" / "report" / "results.json").read_text())
+    fresh = _fresh_application_results("multitask", tmp_path)
     recorded = json.loads((ROOT / "docs" / "figures" / "multitask.json").read_text())
     for mine, theirs in zip(fresh["summary"], recorded["summary"], strict=True):
         assert mine["model"] == theirs["model"] and abs(mine["median"] - theirs["median"]) < 1e-3, (mine, theirs)
@@ -144,9 +147,7 @@ def test_docs_timeseries_quotes_the_recorded_demo():
 
 @pytest.mark.slow
 def test_the_timeseries_demo_still_gives_the_recorded_figures(tmp_path):
-    subprocess.run([sys.executable, "-m", "moekit", "demo", "timeseries", "--out", str(tmp_path / "ts")], check=True,
-                   capture_output=True, cwd=ROOT)
-    fresh = json.loads((tmp_path / "ts" / "report" / "results.json").read_text())["runs"]
+    fresh = _fresh_application_results("timeseries", tmp_path)["runs"]
     recorded = json.loads((ROOT / "docs" / "figures" / "timeseries.json").read_text())["runs"]
     for mine, theirs in zip(fresh, recorded, strict=True):
         for name, value in theirs["mse"].items():
@@ -163,32 +164,16 @@ def test_docs_vision_quotes_the_recorded_demo():
 
 @pytest.mark.slow
 def test_the_vision_demo_still_gives_the_recorded_figures(tmp_path):
-    subprocess.run([sys.executable, "-m", "moekit", "demo", "vision", "--out", str(tmp_path / "vision")], check=True,
-                   capture_output=True, cwd=ROOT)
-    fresh = json.loads((tmp_path / "vision" / "report" / "results.json").read_text())
+    fresh = _fresh_application_results("vision", tmp_path)
     recorded = json.loads((ROOT / "docs" / "figures" / "vision.json").read_text())
     for mine, theirs in zip(fresh["runs"], recorded["runs"], strict=True):
         assert mine["model"] == theirs["model"] and abs(mine["accuracy"] - theirs["accuracy"]) < 5e-3, (mine, theirs)
 
 
 def test_docs_lm_quotes_the_recorded_ablation():
-    spec = importlib.util.spec_from_file_location("lm_ablation", ROOT / "benchmarks" / "lm_ablation.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _benchmark("lm_ablation")
     expected = script.markdown_table(json.loads(script.FIGURES.read_text()))
     assert _page_tables(ROOT / "docs" / "lm.md", "lm_ablation") == {"table": expected}
-
-
-def _benchmark(name: str):
-    """benchmarks/NAME.py as a module (its folder on the path, for its shared helpers)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return script
 
 
 def test_docs_distributed_quotes_the_recorded_memory():
