@@ -39,7 +39,6 @@ from torch import Tensor
 from ..compute.ops import permute_rows
 from ..compute.precision import compute_dtype
 from ..dispatch import Capacity, Dispatched, Dispatcher, make_plan
-from ..dispatch.capacity import sort_keys
 from ..routing.losses import LOSS_SUMS, losses_from_sums
 from .collectives import (
     DTYPE_CODES,
@@ -50,7 +49,7 @@ from .collectives import (
     check_same_dtypes,
     check_send_splits,
 )
-from .overlap import overlapped_exchange, plan_chunks
+from .overlap import overlapped_exchange, plan_chunks, regroup_by_expert
 from .replication import replica_experts, replicated_plan
 
 
@@ -72,8 +71,8 @@ class ExchangePlan:
     send_splits: list[int]
     recv_splits: list[int]
     counts_L: Tensor
-    by_expert_N: Tensor
-    by_source_N: Tensor
+    by_expert_N: Tensor | None  # None for the overlapped exchange: its chunks carry their own
+    by_source_N: Tensor | None
     received_ND: Tensor | None = None
     chunks: list | None = None  # the overlapped exchange's chunks (moekit.parallel.overlap)
 
@@ -160,18 +159,10 @@ class ExpertParallelDispatcher(Dispatcher):
         # NOTE: .tolist() syncs with the device; the splits are host-side arguments of all_to_all_single.
         send_splits = local.counts_E.view(P, L).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
-        # Received rows come grouped by source rank, then by local expert; the experts want them by expert.
-        N = sum(recv_splits)
-        local_expert_N = torch.arange(L, device=local.counts_E.device).repeat(P).repeat_interleave(
-            recv_counts_PL.reshape(-1), output_size=N)
-        by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
-        by_source_N = torch.empty_like(by_expert_N)
-        by_source_N[by_expert_N] = torch.arange(N, device=by_expert_N.device)
-        chunks = None
-        if self.overlap_chunks > 1:
+        if self.overlap_chunks > 1:  # each chunk is regrouped on its own; the whole exchange never is
             chunks = plan_chunks(local.counts_E.view(P, L), recv_counts_PL, self.overlap_chunks)
-        return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), by_expert_N, by_source_N,
-                            chunks=chunks)
+            return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), None, None, chunks=chunks)
+        return ExchangePlan(local, send_splits, recv_splits, recv_counts_PL.sum(0), *regroup_by_expert(recv_counts_PL))
 
     def exchange(self, x_TD: Tensor, plan: ExchangePlan, experts_rows, out_dtype: torch.dtype, side=None):
         if plan.chunks is not None:

@@ -69,20 +69,26 @@ class Chunk:
 
 
 def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, chunks: int) -> list[Chunk]:
-    P, L = recv_counts_PL.shape
     send_parts, recv_parts = split_counts(send_counts_PL, chunks), split_counts(recv_counts_PL, chunks)
     plans = []
     for c, send_rows in enumerate(_rows_of_parts(send_counts_PL, send_parts)):
         recv_PL = recv_parts[c]
-        N = int(recv_PL.sum())
-        local_expert_N = torch.arange(L, device=recv_PL.device).repeat(P).repeat_interleave(
-            recv_PL.reshape(-1), output_size=N)
-        by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
-        by_source_N = torch.empty_like(by_expert_N)
-        by_source_N[by_expert_N] = torch.arange(N, device=by_expert_N.device)
         plans.append(Chunk(send_rows, send_parts[c].sum(1).tolist(), recv_PL.sum(1).tolist(), recv_PL.sum(0),
-                           by_expert_N, by_source_N))
+                           *regroup_by_expert(recv_PL)))
     return plans
+
+
+def regroup_by_expert(recv_counts_PL: Tensor) -> tuple[Tensor, Tensor]:
+    """Received rows come grouped by source rank, then by local expert; the experts want them
+    by expert. Returns the permutation to that order and its inverse."""
+    P, L = recv_counts_PL.shape
+    N = int(recv_counts_PL.sum())
+    local_expert_N = torch.arange(L, device=recv_counts_PL.device).repeat(P).repeat_interleave(
+        recv_counts_PL.reshape(-1), output_size=N)
+    by_expert_N = torch.argsort(sort_keys(local_expert_N, L), stable=True)
+    by_source_N = torch.empty_like(by_expert_N)
+    by_source_N[by_expert_N] = torch.arange(N, device=by_expert_N.device)
+    return by_expert_N, by_source_N
 
 
 class _Pending:

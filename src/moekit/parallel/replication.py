@@ -35,12 +35,14 @@ from .collectives import collective_failed
 @dataclass
 class Placement:
     """Which ranks hold which experts: rank q owns experts [q·L, (q + 1)·L) and holds the
-    experts ``replicas[q]`` (at most ``slots``) as replicas."""
+    experts ``replicas[q]`` (at most ``slots``) as replicas. ``replicas`` is fixed once a
+    dispatcher uses the placement (its lookup tables are made once)."""
 
     num_experts: int
     ep_size: int
     slots: int
     replicas: list[list[int]] = field(default_factory=list)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -85,6 +87,12 @@ class Placement:
     def virtual_table(self, device) -> tuple[Tensor, Tensor]:
         """(E, P) virtual expert id of each holder of each expert (holder order: owner, then replicas by
         rank), and (E,) the number of holders."""
+        key = ("virtual_table", str(device))
+        if key not in self._tables:
+            self._tables[key] = self._virtual_table(device)
+        return self._tables[key]
+
+    def _virtual_table(self, device) -> tuple[Tensor, Tensor]:
         table = torch.zeros(self.num_experts, self.ep_size, dtype=torch.long)
         count = torch.zeros(self.num_experts, dtype=torch.long)
         for e in range(self.num_experts):
