@@ -77,7 +77,7 @@ def last_interval(run: Path, old_experts: int) -> dict:
 def eval_loss(run: Path, data_of: Path | None = None) -> float:
     extra = ["--data-of", data_of] if data_of else []
     # The same windows as the runs' own validation (8 batches of 16), so numbers compare with the curves.
-    return last_json(moekit("eval", run, "--batches", "8", "--batch-size", "16", *extra))["val_loss"]
+    return last_json(moekit("eval", run, "--batches", "8", "--batch-size", "16", "--threads", "1", *extra))["val_loss"]
 
 
 def make_corpora(out: Path) -> tuple[Path, Path]:
@@ -111,7 +111,7 @@ def upcycling(out: Path, code: Path, base_steps: int, extra_steps: int) -> dict:
     for k, label in ((1, "upcycled E=4 K=1"), (2, "upcycled E=4 K=2")):
         moekit("upcycle", dense, "--experts", "4", "--top-k", k, "--out", runs[label], "--steps", extra_steps,
                *SURGERY)
-        moekit("train", "--resume", runs[label])
+        moekit("train", "--resume", runs[label], "--threads", "1")
     curves = {label: val_curve(run) for label, run in runs.items()}
     start = val_curve(dense)[-1][1]
     print(f"\nUpcycling: dense trained {base_steps} steps (val {start:.4f}), then {extra_steps} more steps each")
@@ -136,7 +136,7 @@ def growing(out: Path, code: Path, text: Path, base_steps: int, extra_steps: int
                                   "--steps", extra_steps, *SURGERY))
         assert abs(report["val_loss_change"]) < 1e-5, report
         new_before = new_before if new_before is not None else eval_loss(run)  # step 0 = the base model
-        moekit("train", "--resume", run)
+        moekit("train", "--resume", run, "--threads", "1")
         rows[label] = {"old_val": eval_loss(run, data_of=base), "new_val": eval_loss(run),
                        "step0_change": report["val_loss_change"], **last_interval(run, old_experts=4)}
     # Baseline without new experts: fine-tune the base model itself on the new text.
