@@ -8,6 +8,7 @@ import torch
 from moekit import MoE
 from moekit.compute import switches
 from moekit.compute.paths import COMPUTE_PATHS, FUSED_MIN_ROW_BYTES, resolve_path
+from moekit.experts.quantized import QuantizedExperts
 
 
 def _auto(moe, x, **kwargs) -> str:
@@ -40,15 +41,32 @@ def test_auto_runs_small_batches_on_the_small_batch_path():
     assert _auto(moe, torch.randn(64, 16, dtype=torch.float64)) == "segment"
 
 
-def test_auto_decodes_large_experts_on_small_batch_up_to_16_tokens_without_gradients():
+def test_auto_decodes_up_to_64_tokens_without_gradients_on_gemv():
+    moe = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2)  # 4 MiB per expert's w_in
+    with torch.no_grad():
+        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 64, 65)] == ["gemv"] * 3 + ["grouped_mm"]
+        assert _auto(moe, torch.randn(4, 512), fuses=False) == "gemv"  # its rows form, under expert parallelism
+        assert _auto(moe, torch.randn(4, 512, dtype=torch.bfloat16)) == "grouped_mm"
+    assert _auto(moe, torch.randn(4, 512)) == "grouped_mm"  # a gradient-taking call: the kernel has no backward
+    small = MoE(d_model=64, d_ff=64, num_experts=4, top_k=2)  # stays on the BLAS paths, bitwise as transformers
+    quantized = QuantizedExperts.from_stacked(small.experts, bits=8)
+    with torch.no_grad():
+        assert _auto(small, torch.randn(4, 64)) == "grouped_mm"
+        assert resolve_path("auto", quantized, torch.randn(4, 64), top_k=2).name == "gemv"
+
+
+def test_without_numba_auto_decodes_large_experts_on_small_batch(monkeypatch):
+    from moekit.compute.kernels import cpu_gemv
+
+    monkeypatch.setattr(cpu_gemv, "HAS_NUMBA", False)
     moe = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2)  # 4 MiB per expert's w_in
     with torch.no_grad():
         assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 16, 17)] == ["small_batch"] * 3 + ["grouped_mm"]
-        assert _auto(moe, torch.randn(4, 512, dtype=torch.bfloat16)) == "grouped_mm"
-    assert _auto(moe, torch.randn(4, 512)) == "grouped_mm"  # a gradient-taking call: oneDNN has no backward
     small = MoE(d_model=64, d_ff=64, num_experts=4, top_k=2)
     with torch.no_grad():
         assert _auto(small, torch.randn(4, 64)) == "grouped_mm"
+    with pytest.raises(ValueError, match="compute path 'gemv' needs the numba package"):
+        resolve_path("gemv", moe.experts, torch.randn(2, 512))
 
 
 def test_auto_reads_the_process_switches_in_one_snapshot():

@@ -13,7 +13,9 @@ here runs such an ``mlp`` on rows grouped by expert (``counts_E[e]`` rows each):
 - ``triton_rows``: the Triton grouped GEMMs, optionally gathering input rows and
   scattering output rows inside the kernel;
 - ``shared_base_tokens``: experts that share one base MLP (mixtures of LoRA experts),
-  the base once per token.
+  the base once per token;
+- ``gemv_tokens``: a few rows per expert without gradients (decoding on CPU): gather,
+  both projections and the weighted sum in one numba kernel call (``kernels.cpu_gemv``).
 
 An ``mlp`` may also carry low-rank adapters on either projection (LoRA experts):
 ``low_rank_in`` and ``low_rank_out``, each None or a ``LowRank`` (A (E, r, in), B (E,
@@ -223,6 +225,57 @@ def shared_base_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, c
         update_RD = add_low_rank_(a_RF.new_zeros(a_RF.shape[0], y_TD.shape[1]), a_RF, delta_out, counts_E)
         y_TD = y_TD.index_add(0, tokens_R, weights_R1 * update_RD)
     return y_TD.to(weights_TK.dtype)
+
+
+def gemv_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
+    """What ``gemv_tokens`` lacks to run ``mlp`` in ``dtype`` on ``device_type``, or None:
+    float32 stacked MLP experts, or quantized ones (``decode_weights``)."""
+    from .kernels import cpu_gemv
+
+    if not cpu_gemv.HAS_NUMBA:
+        return "the numba package"
+    quantized = hasattr(mlp, "decode_weights")
+    if not (getattr(mlp, "stacked_mlp", False) or quantized):
+        return f"stacked MLP or quantized experts (got {type(mlp).__name__})"
+    if any(delta is not None for delta in low_rank_pair(mlp)):
+        return "experts without low-rank adapters"
+    weights_dtype = torch.float32 if quantized else mlp.w_in.dtype
+    if dtype != torch.float32 or weights_dtype != torch.float32:
+        return f"float32 weights and input (got {weights_dtype} weights, {dtype} input)"
+    if device_type not in ("cpu", "meta"):
+        return f"a CPU input (got {device_type})"
+    if not quantized and not (mlp.w_in.is_contiguous() and mlp.w_out.is_contiguous()):
+        return "contiguous stacked weights (one base shared by every expert is a view)"
+    return None
+
+
+def gemv_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
+    """``routed_tokens`` in one numba kernel call (``kernels.cpu_gemv.decode_mlp``): the decode
+    form, reading the reached experts' weights at memory speed. The kernel has no backward:
+    a call that needs gradients, or one in a forked child of a process that ran the kernel,
+    runs the autograd form instead."""
+    from .kernels import cpu_gemv
+
+    stacked = getattr(mlp, "stacked_mlp", False)
+    params = (mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out) if stacked else ()
+    if not cpu_gemv.usable() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x_TD, weights_TK, *params))):
+        if stacked:
+            return routed_tokens(mlp, x_TD, weights_TK, order_R, counts_E)
+        return _routed_by_rows(mlp, x_TD, weights_TK, order_R, counts_E)
+    if stacked:
+        w_in, w_out = cpu_gemv.Weights(32, mlp.w_in), cpu_gemv.Weights(32, mlp.w_out)
+    else:
+        w_in, w_out = mlp.decode_weights("w_in"), mlp.decode_weights("w_out")
+    return cpu_gemv.decode_mlp(x_TD, weights_TK.float(), order_R, counts_E.tolist(), w_in, w_out, mlp.b_in,
+                               mlp.b_out, mlp.activation, mlp.is_glu)
+
+
+def gemv_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """``gemv_tokens`` on rows already grouped by expert: each row its own token, weight one."""
+    R = x_RD.shape[0]
+    ones_R1 = torch.ones(R, 1, dtype=torch.float32, device=x_RD.device)
+    return gemv_tokens(mlp, x_RD, ones_R1, torch.arange(R, device=x_RD.device), counts_E)
 
 
 def routed_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:

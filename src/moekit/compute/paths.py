@@ -208,6 +208,11 @@ def shared_base_routed(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.
     return mlp.shared_base_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
 
 
+def gemv_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
+    """Gather, MLP and weighted sum in one numba kernel call (``mlp.gemv_tokens``)."""
+    return mlp.gemv_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
+
+
 def triton_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
     """Token gather and un-permute inside the Triton GEMMs, then the weighted sum over K."""
     T, K = plan.indices_TK.shape
@@ -255,6 +260,24 @@ def _grouped_mm_traces(context: AutoContext) -> bool:
     return not (context.switches.compiling and x.device.type == "cpu" and compute_dtype(x) != torch.bfloat16)
 
 
+# Up to this many tokens without gradients the numba decode kernel beats small_batch and
+# grouped_mm at every expert size measured (BENCHMARKS.md, "The gemv path"). auto takes it
+# for quantized experts and for float experts of at least 1 MiB per projection; smaller
+# float experts stay on the BLAS paths, whose sums equal transformers' bitwise (the
+# parity of converted models) and which cost little there.
+GEMV_MAX_TOKENS = 64
+
+
+def _gemv_decode(context: AutoContext) -> bool:
+    x, experts = context.x_TD, context.experts
+    if not (x.device.type == "cpu" and not context.switches.compiling and not torch.is_grad_enabled()
+            and x.shape[0] <= GEMV_MAX_TOKENS):
+        return False
+    if hasattr(experts, "decode_weights"):
+        return True
+    return experts.w_in[0].numel() * experts.w_in.element_size() >= mlp.ONEDNN_MIN_WEIGHT_BYTES
+
+
 def _cpu_decode(context: AutoContext) -> bool:
     # One token: each chosen expert once beats one grouped_mm over all experts. Up to 16
     # tokens without gradients, experts whose weights take oneDNN's faster kernel
@@ -295,6 +318,12 @@ for _path in (
         name="grouped_mm", summary="rows sorted by expert, one torch grouped_mm per projection",
         rows=mlp.grouped_rows, missing=lambda experts, x: mlp.grouped_mm_missing(experts, compute_dtype(x)),
         auto_rank=30, auto_when=_grouped_mm_traces, benchmark_devices=frozenset({"cpu", "cuda"}),
+    ),
+    ComputePath(
+        name="gemv", summary="no gradients, a few rows per expert: gather, MLP and weighted sum in one numba "
+        "kernel call that reads the reached experts at memory speed (CPU decoding)",
+        rows=mlp.gemv_rows, routed=gemv_tokens, auto_rank=9, auto_when=_gemv_decode,
+        missing=lambda experts, x: mlp.gemv_missing(experts, compute_dtype(x), x.device.type),
     ),
     # A mixture of LoRA experts computes its shared base once per token: K times less base work.
     ComputePath(

@@ -1,0 +1,139 @@
+"""The numba kernel behind ``cpu_gemv.decode_mlp`` (imported on first use: it imports numba).
+
+Compiled functions live at module level so numba's on-disk cache finds them again in
+the next process."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+# Output rows per work item: 64 rows of a 512-wide float32 weight are 128 KiB, which
+# stay in L2 while the expert's input rows pass over them.
+BLOCK_ROWS = 64
+SQRT_HALF = np.float32(0.7071067811865476)
+SQRT_TWO_OVER_PI = np.float32(0.7978845608028654)
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def activate(v, code):  # pragma: no cover - compiled
+    """relu, gelu, gelu_tanh, silu for codes 0-3 (``cpu_gemv.ACTIVATION_CODES``)."""
+    one, half = np.float32(1.0), np.float32(0.5)
+    if code == 0:
+        return max(v, np.float32(0.0))
+    if code == 1:
+        return half * v * (one + np.float32(math.erf(v * SQRT_HALF)))
+    if code == 2:
+        return half * v * (one + np.float32(math.tanh(SQRT_TWO_OVER_PI * (v + np.float32(0.044715) * v * v * v))))
+    return v / (one + np.float32(math.exp(-v)))
+
+
+@numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def project(w_EOI, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
+    """out[r] = w[e]·x[r] for the rows starts[e]:starts[e+1] of each reached expert e, in
+    parallel over (expert, block of output rows)."""
+    width_out, width_in = w_EOI.shape[1], w_EOI.shape[2]
+    blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
+    for item in prange(reached_J.shape[0] * blocks):
+        e = reached_J[item // blocks]
+        first = (item % blocks) * BLOCK_ROWS
+        for o in range(first, min(width_out, first + BLOCK_ROWS)):
+            for m in range(starts_E1[e], starts_E1[e + 1]):
+                total = np.float32(0.0)
+                for i in range(width_in):
+                    total += w_EOI[e, o, i] * x_RI[m, i]
+                out_RO[m, o] = total
+
+
+@numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def project_int8(q_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
+    """``project`` for int8 weights with one scale per output row: w = q·scale."""
+    width_out, width_in = q_EOI.shape[1], q_EOI.shape[2]
+    blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
+    for item in prange(reached_J.shape[0] * blocks):
+        e = reached_J[item // blocks]
+        first = (item % blocks) * BLOCK_ROWS
+        for o in range(first, min(width_out, first + BLOCK_ROWS)):
+            for m in range(starts_E1[e], starts_E1[e + 1]):
+                total = np.float32(0.0)
+                for i in range(width_in):
+                    total += np.float32(q_EOI[e, o, i]) * x_RI[m, i]
+                out_RO[m, o] = total * scale_EO[e, o]
+
+
+@numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def project_int4(q_EOP, scale_EOG, low_EOG, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
+    """``project`` for int4 weights, two per byte (even input in the low nibble), with a
+    (scale, low) per group of inputs: w = q·scale + low."""
+    width_out, groups = q_EOP.shape[1], scale_EOG.shape[2]
+    half_group = q_EOP.shape[2] // groups
+    rows = x_RI.shape[0]
+    xsum_RG = np.zeros((rows, groups), np.float32)  # Σ x over each group: what the lows multiply
+    for m in range(rows):
+        for g in range(groups):
+            for i in range(2 * g * half_group, 2 * (g + 1) * half_group):
+                xsum_RG[m, g] += x_RI[m, i]
+    blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
+    for item in prange(reached_J.shape[0] * blocks):
+        e = reached_J[item // blocks]
+        first = (item % blocks) * BLOCK_ROWS
+        for o in range(first, min(width_out, first + BLOCK_ROWS)):
+            for m in range(starts_E1[e], starts_E1[e + 1]):
+                total = np.float32(0.0)
+                for g in range(groups):
+                    part = np.float32(0.0)
+                    for j in range(g * half_group, (g + 1) * half_group):
+                        byte = q_EOP[e, o, j]
+                        part += np.float32(byte & 15) * x_RI[m, 2 * j] + np.float32(byte >> 4) * x_RI[m, 2 * j + 1]
+                    total += part * scale_EOG[e, o, g] + low_EOG[e, o, g] * xsum_RG[m, g]
+                out_RO[m, o] = total
+
+
+@numba.njit(nogil=True, cache=True)
+def project_any(bits, weights, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
+    """The projection in the weights' format: float32 (bits 32), int8 or int4."""
+    w, q8, q4, scale2, scale3, low3 = weights
+    if bits == 32:
+        project(w, x_RI, starts_E1, reached_J, out_RO)
+    elif bits == 8:
+        project_int8(q8, scale2, x_RI, starts_E1, reached_J, out_RO)
+    else:
+        project_int4(q4, scale3, low3, x_RI, starts_E1, reached_J, out_RO)
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bits, w_in, w_out, b_in, b_out,
+                      activation, glu, out_TD):  # pragma: no cover - compiled
+    """out_TD = Σ weights_A[a]·E_e(x_TD[a // top_k]) over the assignments a = order_R[r],
+    grouped by expert. w_in and w_out are (float32 w, int8 q, int4 q, (E, O) scale,
+    (E, O, G) scale, (E, O, G) low), of which ``bits`` (32, 8 or 4) says which are used;
+    b_in (E, H) and b_out (E, D) are zeros for experts without biases."""
+    R, D = order_R.shape[0], x_TD.shape[1]
+    H = b_in.shape[1]
+    F = H // 2 if glu else H
+    zero = np.float32(0.0)
+    x_RD = np.empty((R, D), np.float32)
+    for r in range(R):
+        x_RD[r] = x_TD[order_R[r] // top_k]
+    h_RH = np.empty((R, H), np.float32)
+    project_any(bits, w_in, x_RD, starts_E1, reached_J, h_RH)
+    a_RF = np.empty((R, F), np.float32)
+    for e in reached_J:
+        for r in range(starts_E1[e], starts_E1[e + 1]):
+            for f in range(F):
+                v = h_RH[r, f] + b_in[e, f]
+                if glu:
+                    a_RF[r, f] = activate(v, activation) * (h_RH[r, F + f] + b_in[e, F + f])
+                else:
+                    a_RF[r, f] = activate(v, activation)
+    y_RD = np.empty((R, D), np.float32)
+    project_any(bits, w_out, a_RF, starts_E1, reached_J, y_RD)
+    out_TD[:] = zero
+    for e in reached_J:
+        for r in range(starts_E1[e], starts_E1[e + 1]):
+            t, weight = order_R[r] // top_k, weights_A[order_R[r]]
+            for d in range(D):
+                out_TD[t, d] += weight * (y_RD[r, d] + b_out[e, d])

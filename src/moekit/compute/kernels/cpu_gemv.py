@@ -1,0 +1,144 @@
+"""The experts' MLP at decode sizes on CPU, in one numba kernel call.
+
+With a few rows per expert a layer's time is the time to read the reached experts'
+weights. BLAS's float32 GEMM reads them at a quarter to a half of memory bandwidth
+for one to four rows, oneDNN's at about half, and each call, activation and gather
+between them costs tens of microseconds (BENCHMARKS.md, "Decode bandwidth of the
+float32 layer"). ``decode_mlp`` runs the whole routed MLP in one call: gather the
+tokens' rows, the first projection, the activation, the second projection and the
+weighted sum over each token's experts. Each projection is one parallel loop over
+(expert, block of output rows): a block's weight rows stream through the cache once
+and meet all of that expert's input rows there, so the weights are read once, at
+memory speed.
+
+numba is imported, and the kernel (``_cpu_gemv_numba``) compiled or loaded from
+numba's on-disk cache, on first use, never at ``import moekit``. numba's OpenMP threads cannot run in a
+process forked from one that already ran them, so ``usable()`` is False there and
+callers take another path.
+
+Shapes: T tokens, K experts per token, R routed rows grouped by expert, D model dim,
+H first projection width (2F for GLU experts), F hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+_kernel = None
+_compile_lock = threading.Lock()
+_launched_in_pid: int | None = None
+
+
+def usable() -> bool:
+    """numba is installed and this process is not a fork of one that ran the kernel."""
+    return HAS_NUMBA and _launched_in_pid in (None, os.getpid())
+
+
+def _compile():
+    import numba
+
+    from . import _cpu_gemv_numba
+
+    return numba, _cpu_gemv_numba.decode_mlp_kernel
+
+
+_CTYPES = {torch.float32: ctypes.c_float, torch.int8: ctypes.c_int8, torch.uint8: ctypes.c_uint8,
+           torch.int64: ctypes.c_int64}
+
+
+def numpy_view(t: Tensor, keep: list[Tensor]) -> np.ndarray:
+    """A numpy array on a CPU tensor's memory, made contiguous first (that tensor is
+    appended to ``keep``, which must outlive the array: the kernel call).
+
+    Unlike ``Tensor.numpy()`` it leaves the storage resizable: FSDP frees the memory of
+    gathered parameters by resizing their storage to zero after the forward."""
+    t = t.detach().contiguous()
+    keep.append(t)
+    if t.numel() == 0:
+        return np.zeros(t.shape, dtype=torch.empty(0, dtype=t.dtype).numpy().dtype)
+    pointer = ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
+    return np.ctypeslib.as_array(pointer, shape=tuple(t.shape))
+
+
+class Weights(NamedTuple):
+    """One projection's stacked weights in nn.Linear's (out, in) layout per expert: float32
+    (bits 32), int8 with a scale per output row, or int4 packed two per byte (even input
+    in the low nibble) with a scale and a low per group of inputs
+    (``moekit.experts.quantized``)."""
+
+    bits: int
+    values: Tensor  # (E, O, I) float32 or int8; (E, O, I/2) uint8 for int4
+    scale: Tensor | None = None  # (E, O) for int8, (E, O, G) for int4
+    low: Tensor | None = None  # (E, O, G) for int4
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(out, in)."""
+        return self.values.shape[1], self.values.shape[2] * (2 if self.bits == 4 else 1)
+
+    def operands(self, keep: list[Tensor]) -> tuple[np.ndarray, ...]:
+        """The kernel's six arrays: float32 w, int8 q, int4 q, (E, O) scale, (E, O, G) scale,
+        (E, O, G) low; those of other formats empty (``keep``: see ``numpy_view``)."""
+        empty = {3: np.zeros((0, 0, 0), np.float32), 2: np.zeros((0, 0), np.float32)}
+        arrays = [empty[3], np.zeros((0, 0, 0), np.int8), np.zeros((0, 0, 0), np.uint8), empty[2], empty[3],
+                  empty[3]]
+        slots = {32: (0,), 8: (1, 3), 4: (2, 4, 5)}[self.bits]
+        for slot, tensor in zip(slots, (self.values, self.scale, self.low), strict=False):
+            arrays[slot] = numpy_view(tensor, keep)
+        return tuple(arrays)
+
+
+def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list[int], w_in: Weights,
+               w_out: Weights, b_in: Tensor | None, b_out: Tensor | None, activation: str, glu: bool) -> Tensor:
+    """Σ_k weights_TK[t, k]·E_e(x_t) over the routed assignments ``order_R`` (t·K + k,
+    grouped by expert, counts_E[e] each) on CPU, no autograd: (T, D) float32. Inputs,
+    gate weights, biases and float weights are float32. Experts with no rows are not read."""
+    global _kernel, _launched_in_pid
+    if not usable():
+        raise RuntimeError("decode_mlp needs numba (pip install numba), in a process not forked from one "
+                           "that ran it")
+    floats = (x_TD, weights_TK, *(b for b in (b_in, b_out) if b is not None),
+              *(w.values for w in (w_in, w_out) if w.bits == 32))
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
+        raise ValueError("decode_mlp runs float32 CPU tensors; got "
+                         + ", ".join(f"{t.dtype} on {t.device.type}" for t in floats))
+    if w_in.bits != w_out.bits or w_in.bits not in (32, 8, 4):
+        raise ValueError(f"decode_mlp: weights of {w_in.bits} and {w_out.bits} bits; both must be 32, 8 or 4")
+    (hidden, width), (width_out, width_hidden) = w_in.widths, w_out.widths
+    E = w_in.values.shape[0]
+    if (len(counts_E) != E or sum(counts_E) != order_R.shape[0] or x_TD.shape[1] != width
+            or width_out != width or width_hidden * (2 if glu else 1) != hidden):
+        raise ValueError(f"decode_mlp: {order_R.shape[0]} rows with counts {counts_E} and input "
+                         f"{tuple(x_TD.shape)} do not fit weights of widths {w_in.widths} and {w_out.widths}")
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"decode_mlp: activation {activation!r}; choose from {', '.join(ACTIVATION_CODES)}")
+    if _kernel is None:
+        with _compile_lock:
+            _kernel = _kernel or _compile()
+    numba, kernel = _kernel
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    starts = np.zeros(E + 1, dtype=np.int64)
+    np.cumsum(counts_E, out=starts[1:])
+    reached = np.flatnonzero(starts[1:] > starts[:-1])
+    keep: list[Tensor] = []
+    biases = [np.zeros((E, n), np.float32) if b is None else numpy_view(b, keep)
+              for b, n in ((b_in, hidden), (b_out, width))]
+    out_TD = torch.empty(x_TD.shape, dtype=torch.float32)
+    _launched_in_pid = os.getpid()
+    kernel(numpy_view(x_TD, keep), numpy_view(order_R, keep), numpy_view(weights_TK, keep).reshape(-1),
+           weights_TK.shape[1], starts, reached, w_in.bits, w_in.operands(keep), w_out.operands(keep), *biases,
+           ACTIVATION_CODES[activation], bool(glu), numpy_view(out_TD, keep))
+    return out_TD
