@@ -48,9 +48,11 @@ def test_auto_decodes_up_to_64_tokens_without_gradients_on_gemv():
         assert _auto(moe, torch.randn(4, 512), fuses=False) == "gemv"  # its rows form, under expert parallelism
         assert _auto(moe, torch.randn(4, 512, dtype=torch.bfloat16)) == "grouped_mm"
     assert _auto(moe, torch.randn(4, 512)) == "grouped_mm"  # a gradient-taking call: the kernel has no backward
+    fine_grained = MoE(d_model=512, d_ff=128, num_experts=8, top_k=2)  # 256 KiB per expert's w_in
     small = MoE(d_model=64, d_ff=64, num_experts=4, top_k=2)  # stays on the BLAS paths, bitwise as transformers
     quantized = QuantizedExperts.from_stacked(small.experts, bits=8)
     with torch.no_grad():
+        assert _auto(fine_grained, torch.randn(4, 512)) == "gemv"
         assert _auto(small, torch.randn(4, 64)) == "grouped_mm"
         assert resolve_path("auto", quantized, torch.randn(4, 64), top_k=2).name == "gemv"
 

@@ -261,11 +261,12 @@ def _grouped_mm_traces(context: AutoContext) -> bool:
 
 
 # Up to this many tokens without gradients the numba decode kernel beats small_batch and
-# grouped_mm at every expert size measured (BENCHMARKS.md, "The gemv path"). auto takes it
-# for quantized experts and for float experts of at least 1 MiB per projection; smaller
-# float experts stay on the BLAS paths, whose sums equal transformers' bitwise (the
-# parity of converted models) and which cost little there.
+# grouped_mm from experts of 0.75 MiB up (BENCHMARKS.md, "The gemv path"). auto takes it
+# for quantized experts and for float experts whose first projection takes 256 KiB or
+# more; smaller float experts (test-sized models) stay on the BLAS paths, whose sums
+# equal transformers' bitwise (the parity of converted models) and cost little there.
 GEMV_MAX_TOKENS = 64
+GEMV_MIN_WEIGHT_BYTES = 256 << 10
 
 
 def _gemv_decode(context: AutoContext) -> bool:
@@ -275,7 +276,7 @@ def _gemv_decode(context: AutoContext) -> bool:
         return False
     if hasattr(experts, "decode_weights"):
         return True
-    return experts.w_in[0].numel() * experts.w_in.element_size() >= mlp.ONEDNN_MIN_WEIGHT_BYTES
+    return experts.w_in[0].numel() * experts.w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
 
 
 def _cpu_decode(context: AutoContext) -> bool:
