@@ -22,7 +22,6 @@ H first projection width (2F for GLU experts), F hidden dim, E experts.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import threading
@@ -53,8 +52,13 @@ def _compile():
     return numba, _cpu_gemv_numba.decode_mlp_kernel
 
 
-_CTYPES = {torch.float32: ctypes.c_float, torch.int8: ctypes.c_int8, torch.uint8: ctypes.c_uint8,
-           torch.int64: ctypes.c_int64}
+_TYPESTR = {torch.float32: "<f4", torch.int8: "|i1", torch.uint8: "|u1", torch.int64: "<i8"}
+
+
+class _Memory:
+    """Exposes a tensor's memory to numpy through the array interface."""
+
+    __slots__ = ("__array_interface__",)
 
 
 def numpy_view(t: Tensor, keep: list[Tensor]) -> np.ndarray:
@@ -65,10 +69,10 @@ def numpy_view(t: Tensor, keep: list[Tensor]) -> np.ndarray:
     gathered parameters by resizing their storage to zero after the forward."""
     t = t.detach().contiguous()
     keep.append(t)
-    if t.numel() == 0:
-        return np.zeros(t.shape, dtype=torch.empty(0, dtype=t.dtype).numpy().dtype)
-    pointer = ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
-    return np.ctypeslib.as_array(pointer, shape=tuple(t.shape))
+    memory = _Memory()
+    memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape),
+                                  "typestr": _TYPESTR[t.dtype], "version": 3}
+    return np.asarray(memory)
 
 
 class Weights(NamedTuple):
