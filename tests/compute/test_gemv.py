@@ -13,7 +13,7 @@ from moekit import MoE, MoEConfig
 from moekit.compute import mlp
 from moekit.compute.kernels import cpu_gemv
 from moekit.compute.kernels.cpu_gemv import Weights
-from moekit.compute.paths import rows_one_expert_at_a_time
+from moekit.compute.paths import resolve_path, rows_one_expert_at_a_time
 from moekit.experts.quantized import QuantizedExperts
 
 
@@ -117,7 +117,7 @@ def test_gemv_names_what_it_lacks():
     moe = MoE(d_model=16, d_ff=32, num_experts=4, compute="gemv")
     with pytest.raises(ValueError, match=r"compute path 'gemv' needs float32 weights and input \(got torch.float64"):
         moe.double()(torch.randn(2, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"compute path 'gemv' needs stacked MLP or quantized experts \(got Modu"):
+    with pytest.raises(ValueError, match=r"compute path 'gemv' needs stacked MLP or int8 experts \(got Modu"):
         MoE(d_model=4, d_ff=1, top_k=2, experts=[torch.nn.Linear(4, 4) for _ in range(3)], compute="gemv")
 
 
@@ -133,20 +133,20 @@ def test_decode_mlp_rejects_rows_that_do_not_fit_and_unknown_activations():
         cpu_gemv.decode_mlp(x, weights, order, [1, 2], w_in, w_out, None, None, "tanh", False)
     with pytest.raises(ValueError, match="float32 CPU tensors; got torch.float64"):
         cpu_gemv.decode_mlp(x.double(), weights, order, [1, 2], w_in, w_out, None, None, "relu", False)
-    with pytest.raises(ValueError, match="weights of 32 and 8 bits"):
+    with pytest.raises(ValueError, match="weights of 32 and 8 bits; both must be 32 or 8"):
         cpu_gemv.decode_mlp(x, weights, order, [1, 2], w_in, Weights(8, w_out.values.to(torch.int8), torch.ones(2, 4)),
                             None, None, "relu", False)
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32), (4, 64)])
 @pytest.mark.parametrize("expert", ["swiglu", "ffn"])
-def test_gemv_runs_quantized_experts_as_their_dequantized_weights(bits, group_size, expert, kernel_calls):
+def test_gemv_runs_int8_experts_as_their_dequantized_weights(expert, kernel_calls):
     torch.manual_seed(5)
     moe = MoE(MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, expert=expert, expert_bias=True)).eval()
     with torch.no_grad():
         moe.experts.b_in.normal_()
         moe.experts.b_out.normal_()
-    moe.experts = QuantizedExperts.from_stacked(moe.experts, bits=bits, group_size=group_size, kernel="reference")
+    int4 = QuantizedExperts.from_stacked(moe.experts, bits=4, group_size=64)
+    moe.experts = QuantizedExperts.from_stacked(moe.experts, bits=8, kernel="reference")
     # The reference: the dequantized weights in float64 on the loop path.
     dequantized = MoE(MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, expert=expert, expert_bias=True))
     with torch.no_grad():
@@ -158,11 +158,13 @@ def test_gemv_runs_quantized_experts_as_their_dequantized_weights(bits, group_si
     for T in (1, 9, 64):
         x = torch.randn(T, 64)
         with torch.no_grad():
-            assert moe.compute_path(x).name == "gemv"
-            y = moe(x).y
+            assert moe.compute_path(x).name == ("small_batch" if T == 1 else "gemv")
+            y = _on(moe, "gemv")(x).y
         torch.testing.assert_close(y.double(), _reference(dequantized.eval(), x), rtol=1e-5, atol=1e-5)
     assert len(kernel_calls) == 3
     # A gradient-taking call runs the experts' own rows form.
     x = torch.randn(5, 64, requires_grad=True)
     _on(moe, "gemv")(x).y.sum().backward()
     assert x.grad is not None and len(kernel_calls) == 3
+    with pytest.raises(ValueError, match="compute path 'gemv' needs float32 or int8 weights"):
+        resolve_path("gemv", int4, torch.randn(2, 64))

@@ -229,14 +229,16 @@ def shared_base_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, c
 
 def gemv_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
     """What ``gemv_tokens`` lacks to run ``mlp`` in ``dtype`` on ``device_type``, or None:
-    float32 stacked MLP experts, or quantized ones (``decode_weights``)."""
+    float32 stacked MLP experts, or int8 ones (``decode_weights``)."""
     from .kernels import cpu_gemv
 
     if not cpu_gemv.HAS_NUMBA:
         return "the numba package"
     quantized = hasattr(mlp, "decode_weights")
     if not (getattr(mlp, "stacked_mlp", False) or quantized):
-        return f"stacked MLP or quantized experts (got {type(mlp).__name__})"
+        return f"stacked MLP or int8 experts (got {type(mlp).__name__})"
+    if quantized and mlp.decode_weights("w_in") is None:
+        return "float32 or int8 weights (int4 experts run faster on torch's packed kernel: small_batch, segment)"
     if any(delta is not None for delta in low_rank_pair(mlp)):
         return "experts without low-rank adapters"
     weights_dtype = torch.float32 if quantized else mlp.w_in.dtype

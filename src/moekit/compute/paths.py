@@ -262,8 +262,8 @@ def _grouped_mm_traces(context: AutoContext) -> bool:
 
 # Up to this many tokens without gradients the numba decode kernel beats small_batch and
 # grouped_mm from experts of 0.75 MiB up (BENCHMARKS.md, "The gemv path"). auto takes it
-# for quantized experts and for float experts whose first projection takes 256 KiB or
-# more; smaller float experts (test-sized models) stay on the BLAS paths, whose sums
+# for int8 experts from 2 tokens and for float experts whose first projection takes
+# 256 KiB or more; smaller float experts (test-sized models) stay on the BLAS paths, whose sums
 # equal transformers' bitwise (the parity of converted models) and cost little there.
 GEMV_MAX_TOKENS = 64
 GEMV_MIN_WEIGHT_BYTES = 256 << 10
@@ -274,8 +274,8 @@ def _gemv_decode(context: AutoContext) -> bool:
     if not (x.device.type == "cpu" and not context.switches.compiling and not torch.is_grad_enabled()
             and x.shape[0] <= GEMV_MAX_TOKENS):
         return False
-    if hasattr(experts, "decode_weights"):
-        return True
+    if hasattr(experts, "decode_weights"):  # int8: torch's packed kernel is as fast for one token
+        return x.shape[0] >= 2
     return experts.w_in[0].numel() * experts.w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
 
 

@@ -17,9 +17,9 @@ Formats (``nn.Linear``'s (out, in) layout per expert, stacked on dim 0):
 ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``; both take bfloat16
 activations, which is where their speed comes from) and otherwise multiplies by the
 dequantized weights in the input's dtype. ``kernel="reference"`` always takes the
-dequantized path. Without gradients, ``auto`` runs the layer on the ``gemv`` path
-instead (``decode_weights``): one numba kernel call that reads the integer weights
-and computes in float32.
+dequantized path. Without gradients, from 2 to 64 tokens, ``auto`` runs int8 experts
+on the ``gemv`` path instead (``decode_weights``): one numba kernel call that reads
+the int8 weights and computes in float32.
 
 Shapes: N rows of one expert, D model dim, F expert hidden dim, H first projection
 width (2F for GLU experts), E experts, G groups per row.
@@ -147,11 +147,11 @@ class QuantizedExperts(Experts):
         return dequantize_int4(q, scale, getattr(self, f"{name}_low")[e], dtype)
 
     def decode_weights(self, name: str):
-        """``name`` (``w_in`` or ``w_out``) as the CPU decode kernel's operands (the ``gemv`` path)."""
+        """``name`` (``w_in`` or ``w_out``) as the CPU decode kernel's operands (the ``gemv``
+        path), or None for int4 weights, which torch's packed kernel runs faster."""
         from ..compute.kernels.cpu_gemv import Weights
 
-        return Weights(self.bits, getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"),
-                       getattr(self, f"{name}_low", None))
+        return Weights(8, getattr(self, f"{name}_q"), getattr(self, f"{name}_scale")) if self.bits == 8 else None
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weights, scales and biases (what a decode step reads, per expert × E)."""

@@ -64,52 +64,22 @@ def project_int8(q_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma
                 out_RO[m, o] = total * scale_EO[e, o]
 
 
-@numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def project_int4(q_EOP, scale_EOG, low_EOG, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
-    """``project`` for int4 weights, two per byte (even input in the low nibble), with a
-    (scale, low) per group of inputs: w = q·scale + low."""
-    width_out, groups = q_EOP.shape[1], scale_EOG.shape[2]
-    half_group = q_EOP.shape[2] // groups
-    rows = x_RI.shape[0]
-    xsum_RG = np.zeros((rows, groups), np.float32)  # Σ x over each group: what the lows multiply
-    for m in range(rows):
-        for g in range(groups):
-            for i in range(2 * g * half_group, 2 * (g + 1) * half_group):
-                xsum_RG[m, g] += x_RI[m, i]
-    blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
-    for item in prange(reached_J.shape[0] * blocks):
-        e = reached_J[item // blocks]
-        first = (item % blocks) * BLOCK_ROWS
-        for o in range(first, min(width_out, first + BLOCK_ROWS)):
-            for m in range(starts_E1[e], starts_E1[e + 1]):
-                total = np.float32(0.0)
-                for g in range(groups):
-                    part = np.float32(0.0)
-                    for j in range(g * half_group, (g + 1) * half_group):
-                        byte = q_EOP[e, o, j]
-                        part += np.float32(byte & 15) * x_RI[m, 2 * j] + np.float32(byte >> 4) * x_RI[m, 2 * j + 1]
-                    total += part * scale_EOG[e, o, g] + low_EOG[e, o, g] * xsum_RG[m, g]
-                out_RO[m, o] = total
-
-
 @numba.njit(nogil=True, cache=True)
 def project_any(bits, weights, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
-    """The projection in the weights' format: float32 (bits 32), int8 or int4."""
-    w, q8, q4, scale2, scale3, low3 = weights
+    """The projection in the weights' format: float32 (bits 32) or int8."""
+    w, q8, scale = weights
     if bits == 32:
         project(w, x_RI, starts_E1, reached_J, out_RO)
-    elif bits == 8:
-        project_int8(q8, scale2, x_RI, starts_E1, reached_J, out_RO)
     else:
-        project_int4(q4, scale3, low3, x_RI, starts_E1, reached_J, out_RO)
+        project_int8(q8, scale, x_RI, starts_E1, reached_J, out_RO)
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
 def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bits, w_in, w_out, b_in, b_out,
                       activation, glu, out_TD):  # pragma: no cover - compiled
     """out_TD = Σ weights_A[a]·E_e(x_TD[a // top_k]) over the assignments a = order_R[r],
-    grouped by expert. w_in and w_out are (float32 w, int8 q, int4 q, (E, O) scale,
-    (E, O, G) scale, (E, O, G) low), of which ``bits`` (32, 8 or 4) says which are used;
+    grouped by expert. w_in and w_out are (float32 w, int8 q, (E, O) scale), of which
+    ``bits`` (32 or 8) says which are used;
     b_in (E, H) and b_out (E, D) are zeros for experts without biases."""
     R, D = order_R.shape[0], x_TD.shape[1]
     H = b_in.shape[1]

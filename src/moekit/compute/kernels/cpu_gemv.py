@@ -52,7 +52,7 @@ def _compile():
     return numba, _cpu_gemv_numba.decode_mlp_kernel
 
 
-_TYPESTR = {torch.float32: "<f4", torch.int8: "|i1", torch.uint8: "|u1", torch.int64: "<i8"}
+_TYPESTR = {torch.float32: "<f4", torch.int8: "|i1", torch.int64: "<i8"}
 
 
 class _Memory:
@@ -77,30 +77,18 @@ def numpy_view(t: Tensor, keep: list[Tensor]) -> np.ndarray:
 
 class Weights(NamedTuple):
     """One projection's stacked weights in nn.Linear's (out, in) layout per expert: float32
-    (bits 32), int8 with a scale per output row, or int4 packed two per byte (even input
-    in the low nibble) with a scale and a low per group of inputs
-    (``moekit.experts.quantized``)."""
+    (bits 32), or int8 with a scale per output row (bits 8, ``moekit.experts.quantized``)."""
 
     bits: int
-    values: Tensor  # (E, O, I) float32 or int8; (E, O, I/2) uint8 for int4
-    scale: Tensor | None = None  # (E, O) for int8, (E, O, G) for int4
-    low: Tensor | None = None  # (E, O, G) for int4
-
-    @property
-    def widths(self) -> tuple[int, int]:
-        """(out, in)."""
-        return self.values.shape[1], self.values.shape[2] * (2 if self.bits == 4 else 1)
+    values: Tensor  # (E, O, I) float32 or int8
+    scale: Tensor | None = None  # (E, O), int8 only
 
     def operands(self, keep: list[Tensor]) -> tuple[np.ndarray, ...]:
-        """The kernel's six arrays: float32 w, int8 q, int4 q, (E, O) scale, (E, O, G) scale,
-        (E, O, G) low; those of other formats empty (``keep``: see ``numpy_view``)."""
-        empty = {3: np.zeros((0, 0, 0), np.float32), 2: np.zeros((0, 0), np.float32)}
-        arrays = [empty[3], np.zeros((0, 0, 0), np.int8), np.zeros((0, 0, 0), np.uint8), empty[2], empty[3],
-                  empty[3]]
-        slots = {32: (0,), 8: (1, 3), 4: (2, 4, 5)}[self.bits]
-        for slot, tensor in zip(slots, (self.values, self.scale, self.low), strict=False):
-            arrays[slot] = numpy_view(tensor, keep)
-        return tuple(arrays)
+        """The kernel's three arrays: float32 w, int8 q, (E, O) scale; those of the other
+        format empty (``keep``: see ``numpy_view``)."""
+        if self.bits == 32:
+            return numpy_view(self.values, keep), np.zeros((0, 0, 0), np.int8), np.zeros((0, 0), np.float32)
+        return np.zeros((0, 0, 0), np.float32), numpy_view(self.values, keep), numpy_view(self.scale, keep)
 
 
 def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list[int], w_in: Weights,
@@ -117,14 +105,15 @@ def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
         raise ValueError("decode_mlp runs float32 CPU tensors; got "
                          + ", ".join(f"{t.dtype} on {t.device.type}" for t in floats))
-    if w_in.bits != w_out.bits or w_in.bits not in (32, 8, 4):
-        raise ValueError(f"decode_mlp: weights of {w_in.bits} and {w_out.bits} bits; both must be 32, 8 or 4")
-    (hidden, width), (width_out, width_hidden) = w_in.widths, w_out.widths
+    if w_in.bits != w_out.bits or w_in.bits not in (32, 8):
+        raise ValueError(f"decode_mlp: weights of {w_in.bits} and {w_out.bits} bits; both must be 32 or 8")
+    (hidden, width), (width_out, width_hidden) = w_in.values.shape[1:], w_out.values.shape[1:]
     E = w_in.values.shape[0]
     if (len(counts_E) != E or sum(counts_E) != order_R.shape[0] or x_TD.shape[1] != width
             or width_out != width or width_hidden * (2 if glu else 1) != hidden):
         raise ValueError(f"decode_mlp: {order_R.shape[0]} rows with counts {counts_E} and input "
-                         f"{tuple(x_TD.shape)} do not fit weights of widths {w_in.widths} and {w_out.widths}")
+                         f"{tuple(x_TD.shape)} do not fit weights of widths {tuple(w_in.values.shape[1:])} and "
+                         f"{tuple(w_out.values.shape[1:])}")
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"decode_mlp: activation {activation!r}; choose from {', '.join(ACTIVATION_CODES)}")
     if _kernel is None:
