@@ -87,6 +87,21 @@ def test_segment_mlp_matches_a_loop_over_experts(is_glu, activation, bias):
             lambda *t: segment_mlp(t[0], t[1], b_in, t[2], b_out, counts, activation, is_glu), (x, w_in, w_out))
 
 
+@pytest.mark.parametrize("is_glu,activation", [(True, "silu"), (True, "gelu_tanh"), (False, "gelu"), (False, "relu")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_segment_mlp_without_gradients_equals_its_autograd_form(is_glu, activation, bias):
+    E, D, F_ = 4, 5, 3
+    counts = [3, 0, 4, 1]
+    x = torch.randn(sum(counts), D, dtype=f64)
+    weights = _weights(E, D, F_, is_glu, bias)
+    with_graph = segment_mlp(x, *weights, counts, activation, is_glu)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        inference = segment_mlp(x, *weights, counts, activation, is_glu)
+    assert inference.grad_fn is None
+    torch.testing.assert_close(inference, with_graph.detach(), rtol=1e-14, atol=1e-14)
+
+
 def test_permute_rows_is_indexing_by_the_permutation():
     x = torch.randn(6, 4, dtype=f64, requires_grad=True)
     perm = torch.randperm(6)

@@ -44,7 +44,8 @@ def test_auto_runs_small_batches_on_the_small_batch_path():
 def test_auto_decodes_up_to_64_tokens_without_gradients_on_gemv():
     moe = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2)  # 4 MiB per expert's w_in
     with torch.no_grad():
-        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 64, 65)] == ["gemv"] * 3 + ["grouped_mm"]
+        # From 65 tokens, segment's inference form (faster than grouped_mm without gradients).
+        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 64, 65)] == ["gemv"] * 3 + ["segment"]
         assert _auto(moe, torch.randn(4, 512), fuses=False) == "gemv"  # its rows form, under expert parallelism
         assert _auto(moe, torch.randn(4, 512, dtype=torch.bfloat16)) == "grouped_mm"
     assert _auto(moe, torch.randn(4, 512)) == "grouped_mm"  # a gradient-taking call: the kernel has no backward
@@ -64,7 +65,7 @@ def test_without_numba_auto_decodes_large_experts_on_small_batch(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "HAS_NUMBA", False)
     moe = MoE(d_model=512, d_ff=1024, num_experts=4, top_k=2)  # 4 MiB per expert's w_in
     with torch.no_grad():
-        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 16, 17)] == ["small_batch"] * 3 + ["grouped_mm"]
+        assert [_auto(moe, torch.randn(T, 512)) for T in (1, 4, 16, 17)] == ["small_batch"] * 3 + ["segment"]
     small = MoE(d_model=64, d_ff=64, num_experts=4, top_k=2)
     with torch.no_grad():
         assert _auto(small, torch.randn(4, 64)) == "grouped_mm"

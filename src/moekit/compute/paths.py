@@ -253,11 +253,17 @@ def _fused_pays(context: AutoContext) -> bool:
     )
 
 
-def _grouped_mm_traces(context: AutoContext) -> bool:
+def _grouped_mm_pays(context: AutoContext) -> bool:
+    x = context.x_TD
     # torch 2.13's fake kernel of grouped_mm on CPU accepts bfloat16 only: while compiling,
     # other dtypes take segment instead (a graph break at its host-side counts, not a failure).
-    x = context.x_TD
-    return not (context.switches.compiling and x.device.type == "cpu" and compute_dtype(x) != torch.bfloat16)
+    if context.switches.compiling and x.device.type == "cpu" and compute_dtype(x) != torch.bfloat16:
+        return False
+    # Without gradients on CPU, segment's inference form (gate and up apart, one expert at
+    # a time) runs float32 1.1-1.3x faster (BENCHMARKS.md, "Forward without gradients"),
+    # for the experts gemv takes (test-sized ones keep grouped_mm's bitwise sums).
+    return not (x.device.type == "cpu" and not torch.is_grad_enabled() and compute_dtype(x) == torch.float32
+                and _large_float_experts(context.experts))
 
 
 # Up to this many tokens without gradients the numba decode kernel beats small_batch and
@@ -276,7 +282,12 @@ def _gemv_decode(context: AutoContext) -> bool:
         return False
     if hasattr(experts, "decode_weights"):  # int8: torch's packed kernel is as fast for one token
         return x.shape[0] >= 2
-    return experts.w_in[0].numel() * experts.w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
+    return _large_float_experts(experts)
+
+
+def _large_float_experts(experts: nn.Module) -> bool:
+    w_in = getattr(experts, "w_in", None) if getattr(experts, "stacked_mlp", False) else None
+    return w_in is not None and w_in[0].numel() * w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
 
 
 def _cpu_decode(context: AutoContext) -> bool:
@@ -318,7 +329,7 @@ for _path in (
     ComputePath(
         name="grouped_mm", summary="rows sorted by expert, one torch grouped_mm per projection",
         rows=mlp.grouped_rows, missing=lambda experts, x: mlp.grouped_mm_missing(experts, compute_dtype(x)),
-        auto_rank=30, auto_when=_grouped_mm_traces, benchmark_devices=frozenset({"cpu", "cuda"}),
+        auto_rank=30, auto_when=_grouped_mm_pays, benchmark_devices=frozenset({"cpu", "cuda"}),
     ),
     ComputePath(
         name="gemv", summary="no gradients, a few rows per expert: gather, MLP and weighted sum in one numba "
