@@ -32,10 +32,12 @@ def activate(v, code):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def project(w_EOI, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
+def project(w_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
     """out[r] = w[e]·x[r] for the rows starts[e]:starts[e+1] of each reached expert e, in
-    parallel over (expert, block of output rows)."""
+    parallel over (expert, block of output rows). Float32 weights with an empty scale, or
+    int8 ones with a scale per output row (w = q·scale); numba compiles one loop for each."""
     width_out, width_in = w_EOI.shape[1], w_EOI.shape[2]
+    scaled = scale_EO.shape[0] > 0
     blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
     for item in prange(reached_J.shape[0] * blocks):
         e = reached_J[item // blocks]
@@ -44,24 +46,8 @@ def project(w_EOI, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - co
             for m in range(starts_E1[e], starts_E1[e + 1]):
                 total = np.float32(0.0)
                 for i in range(width_in):
-                    total += w_EOI[e, o, i] * x_RI[m, i]
-                out_RO[m, o] = total
-
-
-@numba.njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def project_int8(q_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma: no cover - compiled
-    """``project`` for int8 weights with one scale per output row: w = q·scale."""
-    width_out, width_in = q_EOI.shape[1], q_EOI.shape[2]
-    blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
-    for item in prange(reached_J.shape[0] * blocks):
-        e = reached_J[item // blocks]
-        first = (item % blocks) * BLOCK_ROWS
-        for o in range(first, min(width_out, first + BLOCK_ROWS)):
-            for m in range(starts_E1[e], starts_E1[e + 1]):
-                total = np.float32(0.0)
-                for i in range(width_in):
-                    total += np.float32(q_EOI[e, o, i]) * x_RI[m, i]
-                out_RO[m, o] = total * scale_EO[e, o]
+                    total += np.float32(w_EOI[e, o, i]) * x_RI[m, i]
+                out_RO[m, o] = total * scale_EO[e, o] if scaled else total
 
 
 @numba.njit(nogil=True, cache=True)
@@ -69,9 +55,9 @@ def project_any(bits, weights, x_RI, starts_E1, reached_J, out_RO):  # pragma: n
     """The projection in the weights' format: float32 (bits 32) or int8."""
     w, q8, scale = weights
     if bits == 32:
-        project(w, x_RI, starts_E1, reached_J, out_RO)
+        project(w, scale, x_RI, starts_E1, reached_J, out_RO)
     else:
-        project_int8(q8, scale, x_RI, starts_E1, reached_J, out_RO)
+        project(q8, scale, x_RI, starts_E1, reached_J, out_RO)
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
