@@ -259,9 +259,9 @@ def _grouped_mm_pays(context: AutoContext) -> bool:
     # other dtypes take segment instead (a graph break at its host-side counts, not a failure).
     if context.switches.compiling and x.device.type == "cpu" and compute_dtype(x) != torch.bfloat16:
         return False
-    # Without gradients on CPU, segment's inference form (gate and up apart, one expert at
-    # a time) runs float32 1.1-1.3x faster (BENCHMARKS.md, "Forward without gradients"),
-    # for the experts gemv takes (test-sized ones keep grouped_mm's bitwise sums).
+    # Without gradients on CPU, segment's inference form (one whole expert at a time
+    # through cache-sized buffers) runs float32 1.07-1.24x faster (BENCHMARKS.md, "Forward
+    # without gradients"), for the experts gemv takes (test-sized ones keep grouped_mm's sums).
     return not (x.device.type == "cpu" and not torch.is_grad_enabled() and compute_dtype(x) == torch.float32
                 and _large_float_experts(context.experts))
 
