@@ -75,7 +75,7 @@ def test_gemv_keeps_capacity_drops_and_skips_experts_without_tokens(top_k, kerne
     assert kernel_calls
 
 
-def test_gemv_rows_form_equals_one_expert_at_a_time():
+def test_gemv_rows_form_equals_one_expert_at_a_time(kernel_calls):
     torch.manual_seed(2)
     experts = MoE(d_model=16, d_ff=24, num_experts=4, expert_bias=True).experts
     counts_E = torch.tensor([3, 0, 1, 5])
@@ -83,6 +83,7 @@ def test_gemv_rows_form_equals_one_expert_at_a_time():
     with torch.no_grad():
         torch.testing.assert_close(mlp.gemv_rows(experts, x_RD, counts_E),
                                    rows_one_expert_at_a_time(experts, x_RD, counts_E), rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 1
 
 
 def test_gemv_falls_back_to_autograd_when_gradients_are_needed(kernel_calls):

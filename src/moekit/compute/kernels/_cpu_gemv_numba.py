@@ -61,16 +61,17 @@ def project_any(bits, weights, x_RI, starts_E1, reached_J, out_RO):  # pragma: n
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
-def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bits, w_in, w_out, b_in, b_out,
-                      activation, glu, out_TD):  # pragma: no cover - compiled
+def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bits, w_in, w_out, hidden, b_in,
+                      b_out, activation, glu, out_TD):  # pragma: no cover - compiled
     """out_TD = Σ weights_A[a]·E_e(x_TD[a // top_k]) over the assignments a = order_R[r],
     grouped by expert. w_in and w_out are (float32 w, int8 q, (E, O) scale), of which
-    ``bits`` (32 or 8) says which are used;
-    b_in (E, H) and b_out (E, D) are zeros for experts without biases."""
+    ``bits`` (32 or 8) says which are used; hidden is w_in's output width H; b_in (E, H)
+    and b_out (E, D) have no rows for experts without biases."""
     R, D = order_R.shape[0], x_TD.shape[1]
-    H = b_in.shape[1]
+    H = hidden
     F = H // 2 if glu else H
     zero = np.float32(0.0)
+    has_b_in, has_b_out = b_in.shape[0] > 0, b_out.shape[0] > 0
     x_RD = np.empty((R, D), np.float32)
     for r in range(R):
         x_RD[r] = x_TD[order_R[r] // top_k]
@@ -80,9 +81,10 @@ def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bit
     for e in reached_J:
         for r in range(starts_E1[e], starts_E1[e + 1]):
             for f in range(F):
-                v = h_RH[r, f] + b_in[e, f]
+                v = h_RH[r, f] + (b_in[e, f] if has_b_in else zero)
                 if glu:
-                    a_RF[r, f] = activate(v, activation) * (h_RH[r, F + f] + b_in[e, F + f])
+                    up = h_RH[r, F + f] + (b_in[e, F + f] if has_b_in else zero)
+                    a_RF[r, f] = activate(v, activation) * up
                 else:
                     a_RF[r, f] = activate(v, activation)
     y_RD = np.empty((R, D), np.float32)
@@ -92,4 +94,4 @@ def decode_mlp_kernel(x_TD, order_R, weights_A, top_k, starts_E1, reached_J, bit
         for r in range(starts_E1[e], starts_E1[e + 1]):
             t, weight = order_R[r] // top_k, weights_A[order_R[r]]
             for d in range(D):
-                out_TD[t, d] += weight * (y_RD[r, d] + b_out[e, d])
+                out_TD[t, d] += weight * (y_RD[r, d] + (b_out[e, d] if has_b_out else zero))

@@ -53,6 +53,9 @@ def _compile():
 
 
 _TYPESTR = {torch.float32: "<f4", torch.int8: "|i1", torch.int64: "<i8"}
+# What the kernel gets in place of the operands a call has none of (read-only, shared).
+_NONE_F32_2D, _NONE_F32_3D, _NONE_I8_3D = (np.zeros(shape, dtype) for shape, dtype in (
+    ((0, 0), np.float32), ((0, 0, 0), np.float32), ((0, 0, 0), np.int8)))
 
 
 class _Memory:
@@ -87,8 +90,8 @@ class Weights(NamedTuple):
         """The kernel's three arrays: float32 w, int8 q, (E, O) scale; those of the other
         format empty (``keep``: see ``numpy_view``)."""
         if self.bits == 32:
-            return numpy_view(self.values, keep), np.zeros((0, 0, 0), np.int8), np.zeros((0, 0), np.float32)
-        return np.zeros((0, 0, 0), np.float32), numpy_view(self.values, keep), numpy_view(self.scale, keep)
+            return numpy_view(self.values, keep), _NONE_I8_3D, _NONE_F32_2D
+        return _NONE_F32_3D, numpy_view(self.values, keep), numpy_view(self.scale, keep)
 
 
 def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list[int], w_in: Weights,
@@ -127,11 +130,10 @@ def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list
     np.cumsum(counts_E, out=starts[1:])
     reached = np.flatnonzero(starts[1:] > starts[:-1])
     keep: list[Tensor] = []
-    biases = [np.zeros((E, n), np.float32) if b is None else numpy_view(b, keep)
-              for b, n in ((b_in, hidden), (b_out, width))]
+    biases = [_NONE_F32_2D if b is None else numpy_view(b, keep) for b in (b_in, b_out)]
     out_TD = torch.empty(x_TD.shape, dtype=torch.float32)
     _launched_in_pid = os.getpid()
     kernel(numpy_view(x_TD, keep), numpy_view(order_R, keep), numpy_view(weights_TK, keep).reshape(-1),
-           weights_TK.shape[1], starts, reached, w_in.bits, w_in.operands(keep), w_out.operands(keep), *biases,
+           weights_TK.shape[1], starts, reached, w_in.bits, w_in.operands(keep), w_out.operands(keep), hidden, *biases,
            ACTIVATION_CODES[activation], bool(glu), numpy_view(out_TD, keep))
     return out_TD
