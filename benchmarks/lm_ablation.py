@@ -40,6 +40,10 @@ ROWS = {
                                                               "64", "--shared-experts", "1"],
     "finer + shared: E=64, K=7 + 1 shared, width 32": ["--experts", "64", "--top-k", "7", "--expert-d-ff", "32",
                                                        "--shared-experts", "1"],
+    "more experts: E=32, K=2, width 128": ["--experts", "32", "--top-k", "2", "--expert-d-ff", "128"],
+    "many experts: E=64, K=2, width 128": ["--experts", "64", "--top-k", "2", "--expert-d-ff", "128"],
+    "many experts + shared: E=64, K=3 + 1 shared, width 64": ["--experts", "64", "--top-k", "3", "--expert-d-ff",
+                                                              "64", "--shared-experts", "1"],
 }
 
 
