@@ -18,8 +18,6 @@ kernel is from reading its weights at the rate a plain sum does.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 
 import torch
@@ -27,6 +25,7 @@ import torch
 from moekit import MoE, MoEConfig
 from moekit.apps.bench import copy_bandwidth, machine_info, median_times
 from moekit.compute.kernels import cpu_gemv
+from timing import timing_arguments, write_json
 
 
 def _split(moe: MoE, x: torch.Tensor, repeats: int, calls: int) -> tuple[dict[str, float], list[int]]:
@@ -75,12 +74,7 @@ def measure(repeats: int, tokens=(1, 4, 16), calls: int = 50) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_arguments(__doc__)
     result = measure(args.repeats)
     print("| T | experts | MiB | layer µs | kernel µs | host µs (layer − kernel) | read µs | copy GB/s "
           "| fraction of copy: layer / kernel / read |")
@@ -90,9 +84,7 @@ def main() -> None:
               f"| {r['kernel_us']:.0f} | {r['host_us']:.0f} | {r['read_us']:.0f} | {r['copy_gb_s']:.1f} "
               f"| {r['layer_fraction_of_copy']:.2f} / {r['kernel_fraction_of_copy']:.2f} / "
               f"{r['read_fraction_of_copy']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

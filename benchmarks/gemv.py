@@ -11,16 +11,15 @@ rounds; the last column is ``auto``'s pick.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import statistics
 
 import torch
 
 from moekit import MoE, MoEConfig
 from moekit.apps.bench import machine_info, median_times
+from timing import timing_arguments, write_json
 
 SHAPES = (  # d_model, d_ff, experts, top_k
     (128, 512, 8, 2),
@@ -60,12 +59,7 @@ def measure(repeats: int, tokens=(1, 4, 16, 64)) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_arguments(__doc__)
     rows = measure(args.repeats)
     print("| D | F | E | K | MiB per expert | T | gemv µs | small_batch µs | grouped_mm µs "
           "| gemv speed-up vs the faster other | auto |")
@@ -75,9 +69,7 @@ def main() -> None:
         print(f"| {r['d_model']} | {r['d_ff']} | {r['experts']} | {r['top_k']} | {r['expert_mib']:.2f} | "
               f"{r['tokens']} | {us['gemv']:.0f} | {us['small_batch']:.0f} | {us['grouped_mm']:.0f} | "
               f"{r['gemv_speedup_vs_best_other']:.2f} | {r['auto']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "repeats": args.repeats, "rows": rows}, f, indent=2)
+    write_json(args.json, {"machine": machine_info(), "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ memory) of each variant, counted with ``saved_tensors_hooks``. Medians of interl
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 
 import torch
@@ -30,6 +28,7 @@ import torch
 from moekit import MoE, MoEConfig
 from moekit.apps.bench import machine_info, median_times
 from moekit.finetune import add_lora
+from timing import timing_arguments, write_json
 
 SHAPE = dict(d_model=512, d_ff=1024, num_experts=8, top_k=2)
 TOKENS = 4096
@@ -129,13 +128,8 @@ def measure(repeats: int, ranks=(8, 16, 64)) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_arguments(__doc__, repeats=5, more=lambda parser: parser.add_argument(
+        "--ranks", type=int, nargs="+", default=[8, 16, 64]))
     result = measure(args.repeats, tuple(args.ranks))
     print(f"{'rank':>4} {'path':>10} {'frozen ms':>10} {'lora ms':>9} {'peft ms':>9} {'lora/frozen':>11} "
           f"{'peft/lora':>9} {'state %':>8}  saved MiB frozen/lora/peft")
@@ -144,9 +138,7 @@ def main() -> None:
         print(f"{r['rank']:>4} {r['path']:>10} {r['frozen_ms']:>10.1f} {r['lora_ms']:>9.1f} {r['peft_ms']:>9.1f} "
               f"{r['lora_over_frozen']:>11.3f} {r['peft_over_lora']:>9.2f} {100 * r['state_ratio']:>7.2f}%  "
               f"{saved['frozen']:.0f}/{saved['lora']:.0f}/{saved['peft']:.0f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
