@@ -41,8 +41,11 @@ def _split(moe: MoE, x: torch.Tensor, repeats: int, calls: int) -> tuple[dict[st
         counts = torch.bincount(indices_TK.reshape(-1), minlength=moe.config.num_experts).tolist()
         reached = [e for e, c in enumerate(counts) if c]
 
+        experts = moe.experts
+
         def kernel():
-            return cpu_gemv.decode_mlp(x, weights_TK, order_R, counts, *weights, None, None, "silu", True)
+            return cpu_gemv.decode_mlp(x, weights_TK, order_R, counts, *weights, experts.b_in, experts.b_out,
+                                       experts.activation, experts.is_glu)
 
         def read():
             for e in reached:
