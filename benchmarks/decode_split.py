@@ -37,14 +37,12 @@ def _split(moe: MoE, x: torch.Tensor, repeats: int, calls: int) -> tuple[dict[st
         if moe.compute_path(x).name != "gemv":
             raise SystemExit(f"auto did not pick gemv at T = {x.shape[0]}: nothing to split")
         indices_TK, weights_TK = out.routing.indices_TK, out.routing.weights_TK.float()
-        order_R = indices_TK.reshape(-1).argsort(stable=True)
-        counts = torch.bincount(indices_TK.reshape(-1), minlength=moe.config.num_experts).tolist()
-        reached = [e for e, c in enumerate(counts) if c]
+        reached = sorted(set(indices_TK.reshape(-1).tolist()))
 
         experts = moe.experts
 
         def kernel():
-            return cpu_gemv.decode_mlp(x, weights_TK, order_R, counts, *weights, experts.b_in, experts.b_out,
+            return cpu_gemv.decode_mlp(x, weights_TK, indices_TK, *weights, experts.b_in, experts.b_out,
                                        experts.activation, experts.is_glu)
 
         def read():

@@ -14,6 +14,7 @@ Shapes: T tokens, D model dim, E experts, K experts per token, R routed rows.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -244,9 +245,11 @@ class MoE(nn.Module):
 
     def _parameter_dtype(self) -> torch.dtype | None:
         for module in (self.experts, self.router):
-            for p in module.parameters():
+            # A module's own parameters come first in parameters(): reading them directly spares
+            # the recursive walk on every call when they hold the answer (stacked experts do).
+            for p in itertools.chain(module._parameters.values(), module.parameters()):
                 # A DTensor is FSDP's stored shard; the weights compute in its policy's dtype when gathered.
-                if p.is_floating_point() and not _is_dtensor(p):
+                if p is not None and p.is_floating_point() and not _is_dtensor(p):
                     return p.dtype
         return None
 

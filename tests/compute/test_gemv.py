@@ -125,18 +125,62 @@ def test_gemv_names_what_it_lacks():
 def test_decode_mlp_rejects_rows_that_do_not_fit_and_unknown_activations():
     w_in, w_out = Weights(32, torch.randn(2, 8, 4)), Weights(32, torch.randn(2, 4, 8))
     x, weights = torch.randn(3, 4), torch.ones(3, 1)
-    order = torch.arange(3)
-    with pytest.raises(ValueError, match=r"3 rows with counts \[1, 1\]"):
-        cpu_gemv.decode_mlp(x, weights, order, [1, 1], w_in, w_out, None, None, "relu", False)
+    experts = torch.tensor([[0], [1], [1]])
+    with pytest.raises(ValueError, match=r"input \(3, 4\), gate weights \(2, 1\) and torch.int64 experts \(2, 1\)"):
+        cpu_gemv.decode_mlp(x, weights[:2], experts[:2], w_in, w_out, None, None, "relu", False)
+    with pytest.raises(ValueError, match=r"torch.int32 experts"):
+        cpu_gemv.decode_mlp(x, weights, experts.int(), w_in, w_out, None, None, "relu", False)
     with pytest.raises(ValueError, match=r"do not fit weights of widths \(8, 4\) and \(4, 8\)"):
-        cpu_gemv.decode_mlp(x, weights, order, [1, 2], w_in, w_out, None, None, "relu", True)
+        cpu_gemv.decode_mlp(x, weights, experts, w_in, w_out, None, None, "relu", True)
     with pytest.raises(ValueError, match="activation 'tanh'; choose from relu, gelu, gelu_tanh, silu"):
-        cpu_gemv.decode_mlp(x, weights, order, [1, 2], w_in, w_out, None, None, "tanh", False)
+        cpu_gemv.decode_mlp(x, weights, experts, w_in, w_out, None, None, "tanh", False)
     with pytest.raises(ValueError, match="float32 CPU tensors; got torch.float64"):
-        cpu_gemv.decode_mlp(x.double(), weights, order, [1, 2], w_in, w_out, None, None, "relu", False)
+        cpu_gemv.decode_mlp(x.double(), weights, experts, w_in, w_out, None, None, "relu", False)
     with pytest.raises(ValueError, match="weights of 32 and 8 bits; both must be 32 or 8"):
-        cpu_gemv.decode_mlp(x, weights, order, [1, 2], w_in, Weights(8, w_out.values.to(torch.int8), torch.ones(2, 4)),
+        cpu_gemv.decode_mlp(x, weights, experts, w_in, Weights(8, w_out.values.to(torch.int8), torch.ones(2, 4)),
                             None, None, "relu", False)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"experts_TK\[2, 0\] = {bad} is not an expert id in \[0, 2\]"):
+            cpu_gemv.decode_mlp(x, weights, torch.tensor([[0], [2], [bad]]), w_in, w_out, None, None, "relu", False)
+
+
+def test_decode_mlp_skips_assignments_to_expert_e_and_keeps_each_experts_order():
+    torch.manual_seed(5)
+    w_in, w_out = torch.randn(3, 8, 4), torch.randn(3, 4, 8)
+    x, weights = torch.randn(4, 4), torch.rand(4, 2)
+    experts = torch.tensor([[2, 0], [3, 2], [0, 3], [2, 1]])  # 3: not routed
+    y = cpu_gemv.decode_mlp(x, weights, experts, Weights(32, w_in), Weights(32, w_out), None, None, "relu", False)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for t in range(4):
+        for k in range(2):
+            e = int(experts[t, k])
+            if e < 3:
+                h = torch.relu(w_in[e].double() @ x[t].double())
+                expected[t] += weights[t, k].double() * (w_out[e].double() @ h)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_leaves_padding_out(kernel_calls):
+    torch.manual_seed(6)
+    moe = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)).eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        out = _on(moe, "gemv")(x, mask=mask)
+        reference = _on(moe, "loop").double()(x.double(), mask=mask)
+    torch.testing.assert_close(out.y.double(), reference.y, rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 1 and out.routing.tokens_per_expert_E.sum() == 2 * 7
+
+
+def test_gemv_fallback_keeps_capacity_drops_with_gradients(kernel_calls):
+    torch.manual_seed(7)
+    moe = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, capacity_factor=0.5))
+    x = torch.randn(12, 16)
+    fast, reference = _on(moe, "gemv"), _on(moe, "loop")
+    out = fast(x)
+    assert int(out.routing.num_dropped) > 0
+    torch.testing.assert_close(out.y, reference(x).y)
+    assert not kernel_calls
 
 
 @pytest.mark.parametrize("expert", ["swiglu", "ffn"])

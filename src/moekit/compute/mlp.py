@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import switches
+from .kernels import cpu_gemv
 from .low_rank import (
     GROUPED_MM_ALIGN_BYTES,
     GROUPED_MM_DTYPES,
@@ -92,7 +93,9 @@ def linear(x_ND: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def low_rank_pair(mlp) -> tuple[LowRank | None, LowRank | None]:
     """The adapters of ``mlp``'s first and second projections (None where it has none)."""
-    return getattr(mlp, "low_rank_in", None), getattr(mlp, "low_rank_out", None)
+    if not hasattr(type(mlp), "low_rank_in"):  # the common case, without nn.Module's slow attribute miss
+        return None, None
+    return mlp.low_rank_in, getattr(mlp, "low_rank_out", None)
 
 
 def expert_mlp(mlp, e: int, x_ND: Tensor) -> Tensor:
@@ -230,11 +233,9 @@ def shared_base_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, c
 def gemv_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
     """What ``gemv_tokens`` lacks to run ``mlp`` in ``dtype`` on ``device_type``, or None:
     float32 stacked MLP experts, or int8 ones (``decode_weights``)."""
-    from .kernels import cpu_gemv
-
     if not cpu_gemv.HAS_NUMBA:
         return "the numba package"
-    quantized = hasattr(mlp, "decode_weights")
+    quantized = int8_capable(mlp)
     if not (getattr(mlp, "stacked_mlp", False) or quantized):
         return f"stacked MLP or int8 experts (got {type(mlp).__name__})"
     if quantized and mlp.decode_weights("w_in") is None:
@@ -251,17 +252,26 @@ def gemv_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
     return None
 
 
-def gemv_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: Tensor) -> Tensor:
-    """``routed_tokens`` in one numba kernel call (``kernels.cpu_gemv.decode_mlp``): the decode
-    form, reading the reached experts' weights at memory speed. The kernel has no backward:
-    a call that needs gradients, or one in a forked child of a process that ran the kernel,
-    runs the autograd form instead."""
-    from .kernels import cpu_gemv
+def int8_capable(mlp) -> bool:
+    """Whether ``mlp`` hands the kernel integer weights (``decode_weights``, a method: looked
+    up on the class, which spares nn.Module's slow attribute miss on every decode call)."""
+    return hasattr(type(mlp), "decode_weights")
 
-    stacked = getattr(mlp, "stacked_mlp", False)
+
+def gemv_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, experts_TK: Tensor) -> Tensor:
+    """Σ_k weights_TK·E_e(x_t), e = experts_TK[t, k], in one numba kernel call
+    (``kernels.cpu_gemv.decode_mlp``): the decode form, reading the reached experts' weights at
+    memory speed. An assignment to expert E (the number of experts) is not routed. The
+    kernel groups the assignments by expert itself, so a plan need not sort them. It has
+    no backward: a call that needs gradients, or one in a forked child of a process that
+    ran the kernel, runs the autograd form instead."""
+    stacked = mlp.stacked_mlp
     params = (mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out) if stacked else ()
     if not cpu_gemv.usable() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x_TD, weights_TK, *params))):
+        flat_A = experts_TK.reshape(-1)
+        counts_E = torch.bincount(flat_A, minlength=mlp.num_experts + 1)[:mlp.num_experts]
+        order_R = torch.argsort(flat_A, stable=True)[:int(counts_E.sum())]  # expert E (not routed) sorts last
         if stacked:
             return routed_tokens(mlp, x_TD, weights_TK, order_R, counts_E)
         return _routed_by_rows(mlp, x_TD, weights_TK, order_R, counts_E)
@@ -269,15 +279,16 @@ def gemv_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E
         w_in, w_out = cpu_gemv.Weights(32, mlp.w_in), cpu_gemv.Weights(32, mlp.w_out)
     else:
         w_in, w_out = mlp.decode_weights("w_in"), mlp.decode_weights("w_out")
-    return cpu_gemv.decode_mlp(x_TD, weights_TK.float(), order_R, counts_E.tolist(), w_in, w_out, mlp.b_in,
-                               mlp.b_out, mlp.activation, mlp.is_glu)
+    return cpu_gemv.decode_mlp(x_TD, weights_TK.float(), experts_TK, w_in, w_out, mlp.b_in, mlp.b_out,
+                               mlp.activation, mlp.is_glu)
 
 
 def gemv_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:
     """``gemv_tokens`` on rows already grouped by expert: each row its own token, weight one."""
     R = x_RD.shape[0]
     ones_R1 = torch.ones(R, 1, dtype=torch.float32, device=x_RD.device)
-    return gemv_tokens(mlp, x_RD, ones_R1, torch.arange(R, device=x_RD.device), counts_E)
+    experts_R1 = torch.arange(len(counts_E), device=x_RD.device).repeat_interleave(counts_E, output_size=R)
+    return gemv_tokens(mlp, x_RD, ones_R1, experts_R1.view(R, 1))
 
 
 def routed_rows(mlp, x_RD: Tensor, counts_E: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ a token-choice plan in one pass, ``(experts, x_TD, plan, out_dtype) -> y_TD``, s
 the (R, D) row tensors; a dispatcher that holds the tokens locally runs it.
 
 The record says what the path needs (``missing``: None when it can run these experts
-on this input, else what is missing), whether it plans capacity the plain way
-(``reference_plan``, the loop reference), its place in ``auto`` and the devices
+on this input, else what is missing), whether its routed form runs from
+an unsorted plan (``reference_plan``: the loop reference, small_batch, gemv), its place in ``auto`` and the devices
 ``moekit bench`` times it on. ``register_compute_path`` adds one; ``resolve_path``
 turns a name (or ``"auto"``) into a record. A path asks the experts for the traits it
 needs (``stacked_mlp``), never for their class.
@@ -54,8 +54,8 @@ class ComputePath:
         routed: tokens to combined output for a token-choice plan, or None.
         missing: ``(experts, x) -> str | None``, what is missing to run (x may be a meta
             tensor: the layer checks a path when it is built).
-        reference_plan: plan capacity the plain way (one expert at a time) instead of by
-            sorting, when the dispatcher can.
+        reference_plan: the routed form takes an unsorted plan: which assignments are kept,
+            decided the plain way (one expert at a time), without the sort by expert.
         auto_rank: place in ``auto`` (lower first), None: never picked by ``auto``.
         auto_when: ``(AutoContext) -> bool``, when ``auto`` takes this path (if supported).
         benchmark_devices: device types ``moekit bench`` times this path on by default.
@@ -209,8 +209,12 @@ def shared_base_routed(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.
 
 
 def gemv_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
-    """Gather, MLP and weighted sum in one numba kernel call (``mlp.gemv_tokens``)."""
-    return mlp.gemv_tokens(experts, x_TD, plan.weights_TK, plan.order_R, plan.counts_E).to(out_dtype)
+    """Gather, MLP and weighted sum in one numba kernel call (``mlp.gemv_tokens``), from a
+    plan that need not be sorted: the kernel groups the kept assignments by expert itself."""
+    experts_TK = plan.indices_TK
+    if plan.kept_TK is not None:  # expert E: not routed
+        experts_TK = torch.where(plan.kept_TK, experts_TK, plan.num_experts)
+    return mlp.gemv_tokens(experts, x_TD, plan.weights_TK, experts_TK).to(out_dtype)
 
 
 def triton_tokens(experts: nn.Module, x_TD: Tensor, plan, out_dtype: torch.dtype) -> Tensor:
@@ -280,14 +284,14 @@ def _gemv_decode(context: AutoContext) -> bool:
     if not (x.device.type == "cpu" and not context.switches.compiling and not torch.is_grad_enabled()
             and x.shape[0] <= GEMV_MAX_TOKENS):
         return False
-    if hasattr(experts, "decode_weights"):  # int8: torch's packed kernel is as fast for one token
+    if mlp.int8_capable(experts):  # int8: torch's packed kernel is as fast for one token
         return x.shape[0] >= 2
     return _large_float_experts(experts)
 
 
 def _large_float_experts(experts: nn.Module) -> bool:
     w_in = getattr(experts, "w_in", None) if getattr(experts, "stacked_mlp", False) else None
-    return w_in is not None and w_in[0].numel() * w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
+    return w_in is not None and w_in.numel() // max(w_in.shape[0], 1) * w_in.element_size() >= GEMV_MIN_WEIGHT_BYTES
 
 
 def _cpu_decode(context: AutoContext) -> bool:
@@ -334,7 +338,7 @@ for _path in (
     ComputePath(
         name="gemv", summary="no gradients, a few rows per expert: gather, MLP and weighted sum in one numba "
         "kernel call that reads the reached experts at memory speed (CPU decoding)",
-        rows=mlp.gemv_rows, routed=gemv_tokens, auto_rank=9, auto_when=_gemv_decode,
+        rows=mlp.gemv_rows, routed=gemv_tokens, reference_plan=True, auto_rank=9, auto_when=_gemv_decode,
         missing=lambda experts, x: mlp.gemv_missing(experts, compute_dtype(x), x.device.type),
     ),
     # A mixture of LoRA experts computes its shared base once per token: K times less base work.

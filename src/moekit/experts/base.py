@@ -14,7 +14,9 @@ expert parallelism read instead of asking for its type:
   ``triton``) can run them;
 - ``shardable``: ``shard(first, count)`` returns experts [first, first + count) as a
   module of the same class, and every tensor of its state dict is stacked on dim 0
-  (E, …), so expert parallelism can split and gather checkpoints by expert id.
+  (E, …), so expert parallelism can split and gather checkpoints by expert id;
+- ``shared_base``: every expert is one base MLP plus its own adapters (a mixture of
+  LoRA experts), so the ``shared_base`` path runs the base once per token.
 
 Shapes: R rows, N rows of one expert, D model dim, E experts.
 """
@@ -34,6 +36,7 @@ class Experts(nn.Module):
 
     stacked_mlp: ClassVar[bool] = False
     shardable: ClassVar[bool] = False
+    shared_base: ClassVar[bool] = False
     num_experts: int
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compute.precision import gate_dtype, without_autocast
@@ -191,7 +192,7 @@ class GateRouter(Router):
             eps = self.options.jitter
             if self.training and eps > 0:
                 xr_TD = xr_TD * torch.empty_like(xr_TD).uniform_(1.0 - eps, 1.0 + eps)
-            logits_TE = xr_TD @ self.weight.to(xr_TD.dtype).t()
+            logits_TE = F.linear(xr_TD, self.weight.to(xr_TD.dtype))
             if self.logit_bias is not None:
                 logits_TE = logits_TE + self.logit_bias.to(xr_TD.dtype)
             return self.route(logits_TE, xr_TD, valid_T, sequence_length)

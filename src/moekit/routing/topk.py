@@ -73,8 +73,11 @@ class TopKRouter(GateRouter):
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
-        indices_TK = self.choose(probs_TE, self.top_k)
-        weights_TK = probs_TE.gather(1, indices_TK)
+        if self.replayed_TK is None:
+            weights_TK, indices_TK = probs_TE.topk(self.top_k, dim=-1)
+        else:
+            indices_TK = self.choose(probs_TE, self.top_k)
+            weights_TK = probs_TE.gather(1, indices_TK)
         if self.options.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = dispatched_assignments(self.options.second_expert_policy, weights_TK, self.training)

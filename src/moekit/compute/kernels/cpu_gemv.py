@@ -37,6 +37,7 @@ ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 _kernel = None
 _compile_lock = threading.Lock()
 _launched_in_pid: int | None = None
+_thread_state = threading.local()
 
 
 def usable() -> bool:
@@ -70,7 +71,7 @@ def numpy_view(t: Tensor, keep: list[Tensor]) -> np.ndarray:
 
     Unlike ``Tensor.numpy()`` it leaves the storage resizable: FSDP frees the memory of
     gathered parameters by resizing their storage to zero after the forward."""
-    t = t.detach().contiguous()
+    t = t.contiguous()  # a parameter needs no detach: data_ptr() reads past autograd
     keep.append(t)
     memory = _Memory()
     memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape),
@@ -94,29 +95,33 @@ class Weights(NamedTuple):
         return _NONE_F32_3D, numpy_view(self.values, keep), numpy_view(self.scale, keep)
 
 
-def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list[int], w_in: Weights,
-               w_out: Weights, b_in: Tensor | None, b_out: Tensor | None, activation: str, glu: bool) -> Tensor:
-    """Σ_k weights_TK[t, k]·E_e(x_t) over the routed assignments ``order_R`` (t·K + k,
-    grouped by expert, counts_E[e] each) on CPU, no autograd: (T, D) float32. Inputs,
-    gate weights, biases and float weights are float32. Experts with no rows are not read."""
+def decode_mlp(x_TD: Tensor, weights_TK: Tensor, experts_TK: Tensor, w_in: Weights, w_out: Weights,
+               b_in: Tensor | None, b_out: Tensor | None, activation: str, glu: bool) -> Tensor:
+    """Σ_k weights_TK[t, k]·E_e(x_t), e = experts_TK[t, k], on CPU, no autograd: (T, D) float32.
+    An assignment whose expert is E (the number of experts) is not routed (dropped, padding)
+    and adds nothing. The kernel groups the assignments by expert itself. Inputs, gate
+    weights, biases and float weights are float32. Experts with no rows are not read."""
     global _kernel, _launched_in_pid
     if not usable():
         raise RuntimeError("decode_mlp needs numba (pip install numba), in a process not forked from one "
                            "that ran it")
-    floats = (x_TD, weights_TK, *(b for b in (b_in, b_out) if b is not None),
-              *(w.values for w in (w_in, w_out) if w.bits == 32))
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
-        raise ValueError("decode_mlp runs float32 CPU tensors; got "
-                         + ", ".join(f"{t.dtype} on {t.device.type}" for t in floats))
+    floats = [x_TD, weights_TK, b_in, b_out, w_in.values if w_in.bits == 32 else None,
+              w_out.values if w_out.bits == 32 else None]
+    for t in floats:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError("decode_mlp runs float32 CPU tensors; got "
+                             + ", ".join(f"{t.dtype} on {t.device.type}" for t in floats if t is not None))
     if w_in.bits != w_out.bits or w_in.bits not in (32, 8):
         raise ValueError(f"decode_mlp: weights of {w_in.bits} and {w_out.bits} bits; both must be 32 or 8")
     (hidden, width), (width_out, width_hidden) = w_in.values.shape[1:], w_out.values.shape[1:]
     E = w_in.values.shape[0]
-    if (len(counts_E) != E or sum(counts_E) != order_R.shape[0] or x_TD.shape[1] != width
+    if (experts_TK.dtype != torch.int64 or experts_TK.shape != weights_TK.shape or weights_TK.dim() != 2
+            or x_TD.dim() != 2 or weights_TK.shape[0] != x_TD.shape[0] or x_TD.shape[1] != width
             or width_out != width or width_hidden * (2 if glu else 1) != hidden):
-        raise ValueError(f"decode_mlp: {order_R.shape[0]} rows with counts {counts_E} and input "
-                         f"{tuple(x_TD.shape)} do not fit weights of widths {tuple(w_in.values.shape[1:])} and "
-                         f"{tuple(w_out.values.shape[1:])}")
+        raise ValueError(f"decode_mlp: input {tuple(x_TD.shape)}, gate weights {tuple(weights_TK.shape)} and "
+                         f"{experts_TK.dtype} experts {tuple(experts_TK.shape)} do not fit weights of widths "
+                         f"{tuple(w_in.values.shape[1:])} and {tuple(w_out.values.shape[1:])} (T tokens: "
+                         "(T, D) input, (T, K) gate weights and int64 experts)")
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"decode_mlp: activation {activation!r}; choose from {', '.join(ACTIVATION_CODES)}")
     if _kernel is None:
@@ -124,16 +129,20 @@ def decode_mlp(x_TD: Tensor, weights_TK: Tensor, order_R: Tensor, counts_E: list
             _kernel = _kernel or _compile()
     numba, kernel = _kernel
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
+    # numba's thread count is per calling thread, and reading it takes a lock: keep what was set.
+    if getattr(_thread_state, "threads", None) != threads:
         numba.set_num_threads(threads)
-    starts = np.zeros(E + 1, dtype=np.int64)
-    np.cumsum(counts_E, out=starts[1:])
-    reached = np.flatnonzero(starts[1:] > starts[:-1])
+        _thread_state.threads = threads
     keep: list[Tensor] = []
     biases = [_NONE_F32_2D if b is None else numpy_view(b, keep) for b in (b_in, b_out)]
     out_TD = torch.empty(x_TD.shape, dtype=torch.float32)
     _launched_in_pid = os.getpid()
-    kernel(numpy_view(x_TD, keep), numpy_view(order_R, keep), numpy_view(weights_TK, keep).reshape(-1),
-           weights_TK.shape[1], starts, reached, w_in.bits, w_in.operands(keep), w_out.operands(keep), hidden, *biases,
-           ACTIVATION_CODES[activation], bool(glu), numpy_view(out_TD, keep))
+    bad = kernel(numpy_view(x_TD, keep), numpy_view(experts_TK, keep).reshape(-1),
+                 numpy_view(weights_TK, keep).reshape(-1), weights_TK.shape[1], E, w_in.bits, w_in.operands(keep),
+                 w_out.operands(keep), hidden, *biases, ACTIVATION_CODES[activation], bool(glu),
+                 numpy_view(out_TD, keep))
+    if bad >= 0:
+        t, k = divmod(int(bad), weights_TK.shape[1])
+        raise ValueError(f"decode_mlp: experts_TK[{t}, {k}] = {int(experts_TK[t, k])} is not an expert id in "
+                         f"[0, {E}] ({E}: not routed)")
     return out_TD
