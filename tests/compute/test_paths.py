@@ -56,7 +56,7 @@ def test_auto_decodes_up_to_64_tokens_without_gradients_on_gemv():
         assert _auto(fine_grained, torch.randn(4, 512)) == "gemv"
         assert _auto(small, torch.randn(4, 64)) == "grouped_mm"
         assert resolve_path("auto", quantized, torch.randn(4, 64), top_k=2).name == "gemv"
-        assert resolve_path("auto", quantized, torch.randn(1, 64), top_k=2).name == "small_batch"
+        assert resolve_path("auto", quantized, torch.randn(1, 64), top_k=2).name == "gemv"
 
 
 def test_without_numba_auto_decodes_large_experts_on_small_batch(monkeypatch):

@@ -272,7 +272,8 @@ def _grouped_mm_pays(context: AutoContext) -> bool:
 
 # Up to this many tokens without gradients the numba decode kernel beats small_batch and
 # grouped_mm from experts of 0.75 MiB up (BENCHMARKS.md, "The gemv path"). auto takes it
-# for int8 experts from 2 tokens and for float experts whose first projection takes
+# for int8 experts (1.3-1.4x small_batch's packed int8 kernel at one token, from 128 x 256
+# experts up: benchmarks/quantized.py) and for float experts whose first projection takes
 # 256 KiB or more; smaller float experts (test-sized models) stay on the BLAS paths, whose sums
 # equal transformers' bitwise (the parity of converted models) and cost little there.
 GEMV_MAX_TOKENS = 64
@@ -284,9 +285,7 @@ def _gemv_decode(context: AutoContext) -> bool:
     if not (x.device.type == "cpu" and not context.switches.compiling and not torch.is_grad_enabled()
             and x.shape[0] <= GEMV_MAX_TOKENS):
         return False
-    if mlp.int8_capable(experts):  # int8: torch's packed kernel is as fast for one token
-        return x.shape[0] >= 2
-    return _large_float_experts(experts)
+    return mlp.int8_capable(experts) or _large_float_experts(experts)
 
 
 def _large_float_experts(experts: nn.Module) -> bool:
