@@ -1,6 +1,7 @@
 """Where a decode call's time goes: the whole layer against its kernel and a bare read of the same weights.
 
     python benchmarks/decode_split.py --threads 2 --repeats 7
+    python benchmarks/decode_split.py --count      (work per call, no timing)
 
 The MoE layer at the standard shape (D = 512, F = 1024, E = 8, K = 2, float32), forward
 without gradients at T = 1, 4 and 16 tokens, as ``moekit bench``'s decode case runs it
@@ -13,14 +14,19 @@ without gradients at T = 1, 4 and 16 tokens, as ``moekit bench``'s decode case r
 - ``copy``: the copy bandwidth ``moekit bench`` divides by.
 
 ``layer − kernel`` is the host work around the kernel; ``kernel / read`` how far the
-kernel is from reading its weights at the rate a plain sum does.
+kernel is from reading its weights at the rate a plain sum does. ``--count`` prints
+instead what one call at T = 1 does on the host, a measure that the machine's load
+does not move: the tensor operations dispatched, and the Python and builtin function
+calls made.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moekit import MoE, MoEConfig
 from moekit.apps.bench import copy_bandwidth, machine_info, median_times
@@ -74,8 +80,47 @@ def measure(repeats: int, tokens=(1, 4, 16), calls: int = 50) -> dict:
     return {"machine": machine_info(), "repeats": repeats, "calls": calls, "rows": rows}
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_work_counts(tokens: int = 1) -> dict[str, int]:
+    """Tensor operations, Python function calls and builtin calls of one decode call."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=512, d_ff=1024, num_experts=8, top_k=2)).eval()
+    x = torch.randn(tokens, 512)
+    calls = {"call": 0, "c_call": 0}
+
+    def count(frame, event, arg):
+        if event in calls:
+            calls[event] += 1
+
+    with torch.no_grad():
+        moe(x)
+        sys.setprofile(count)
+        try:
+            moe(x)
+        finally:
+            sys.setprofile(None)
+        with _OpCounter() as counter:
+            moe(x)
+    return {"tensor_ops": counter.ops, "python_calls": calls["call"], "builtin_calls": calls["c_call"] - 1}
+
+
 def main() -> None:
-    args = timing_arguments(__doc__)
+    args = timing_arguments(__doc__, more=lambda p: p.add_argument(
+        "--count", action="store_true", help="count one T = 1 call's host work instead of timing"))
+    if args.count:
+        counts = host_work_counts()
+        print(", ".join(f"{name.replace('_', ' ')}: {n}" for name, n in counts.items()))
+        write_json(args.json, counts)
+        return
     result = measure(args.repeats)
     print("| T | experts | MiB | layer µs | kernel µs | host µs (layer − kernel) | read µs | copy GB/s "
           "| fraction of copy: layer / kernel / read |")

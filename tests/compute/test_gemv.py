@@ -213,3 +213,26 @@ def test_gemv_runs_int8_experts_as_their_dequantized_weights(expert, kernel_call
     assert x.grad is not None and len(kernel_calls) == 3
     with pytest.raises(ValueError, match="compute path 'gemv' needs float32 or int8 weights"):
         resolve_path("gemv", int4, torch.randn(2, 64))
+
+
+def test_a_decode_call_on_gemv_dispatches_few_tensor_operations():
+    """The kernel groups the assignments itself: the layer's plan sorts nothing, so a
+    one-token call is the router's few operations, the kernel and the balancing loss."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(8)
+    moe = _on(MoE(MoEConfig(d_model=32, d_ff=64, num_experts=8, top_k=2)).eval(), "gemv")
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        moe(x)
+        with Count() as count:
+            moe(x)
+    assert not any("sort" in op or "bincount" in op for op in count.ops), count.ops
+    assert len(count.ops) <= 20, count.ops

@@ -14,6 +14,8 @@ from numba import prange
 # Output rows per work item: 64 rows of a 512-wide float32 weight are 128 KiB, which
 # stay in L2 while the expert's input rows pass over them.
 BLOCK_ROWS = 64
+# Experts with at least this many rows take four at a time (``project``).
+TILE_FROM_ROWS = 8
 SQRT_HALF = np.float32(0.7071067811865476)
 SQRT_TWO_OVER_PI = np.float32(0.7978845608028654)
 
@@ -46,17 +48,6 @@ def dots_4(w_I, x_RI, m, width_in):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)
-def dots_2(w_I, x_RI, m, width_in):  # pragma: no cover - compiled
-    x0, x1 = x_RI[m], x_RI[m + 1]
-    t0 = t1 = np.float32(0.0)
-    for i in range(width_in):
-        w = np.float32(w_I[i])
-        t0 += w * x0[i]
-        t1 += w * x1[i]
-    return t0, t1
-
-
-@numba.njit(inline="always", fastmath=True, cache=True)
 def dot_1(w_I, x_RI, m, width_in):  # pragma: no cover - compiled
     x0 = x_RI[m]
     t0 = np.float32(0.0)
@@ -71,9 +62,11 @@ def project(w_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma: no 
     parallel over (expert, block of output rows). Float32 weights with an empty scale, or
     int8 ones with a scale per output row (w = q·scale); numba compiles one loop for each.
 
-    An expert's rows go four, then two, then one at a time past each weight row of the
-    block: one load of a weight feeds up to four multiply-adds, which takes 4 and 8 rows
-    per expert 1.2-1.6x faster than one row at a time (the weight rows stay in L2)."""
+    An expert with fewer than ``TILE_FROM_ROWS`` rows meets each weight row with all of its
+    rows while that row is in L1. One with more passes over the block (in L2) four rows at
+    a time, one load of a weight feeding four multiply-adds: the layer is 1.3-1.4x faster
+    at 64 tokens on the standard shape (16 rows per expert). Passes of four for every
+    expert made 4 and 16 tokens 1.1-1.25x slower (BENCHMARKS.md, "Leaner decode calls")."""
     width_out, width_in = w_EOI.shape[1], w_EOI.shape[2]
     scaled = scale_EO.shape[0] > 0
     blocks = (width_out + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -82,19 +75,18 @@ def project(w_EOI, scale_EO, x_RI, starts_E1, reached_J, out_RO):  # pragma: no 
         first = (item % blocks) * BLOCK_ROWS
         last = min(width_out, first + BLOCK_ROWS)
         m, end = starts_E1[e], starts_E1[e + 1]
-        while m < end:
-            step = 4 if end - m >= 4 else (2 if end - m >= 2 else 1)
-            for o in range(first, last):
-                s = scale_EO[e, o] if scaled else np.float32(1.0)
-                if step == 4:
+        if end - m >= TILE_FROM_ROWS:
+            while end - m >= 4:
+                for o in range(first, last):
+                    s = scale_EO[e, o] if scaled else np.float32(1.0)
                     t0, t1, t2, t3 = dots_4(w_EOI[e, o], x_RI, m, width_in)
-                    out_RO[m, o], out_RO[m + 1, o], out_RO[m + 2, o], out_RO[m + 3, o] = t0 * s, t1 * s, t2 * s, t3 * s
-                elif step == 2:
-                    t0, t1 = dots_2(w_EOI[e, o], x_RI, m, width_in)
                     out_RO[m, o], out_RO[m + 1, o] = t0 * s, t1 * s
-                else:
-                    out_RO[m, o] = dot_1(w_EOI[e, o], x_RI, m, width_in) * s
-            m += step
+                    out_RO[m + 2, o], out_RO[m + 3, o] = t2 * s, t3 * s
+                m += 4
+        for o in range(first, last):
+            s = scale_EO[e, o] if scaled else np.float32(1.0)
+            for r in range(m, end):
+                out_RO[r, o] = dot_1(w_EOI[e, o], x_RI, r, width_in) * s
 
 
 @numba.njit(nogil=True, cache=True)
