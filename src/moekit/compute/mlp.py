@@ -240,7 +240,8 @@ def gemv_missing(mlp, dtype: torch.dtype, device_type: str) -> str | None:
         return f"stacked MLP or int8 experts (got {type(mlp).__name__})"
     if quantized and mlp.decode_weights("w_in") is None:
         return "float32 or int8 weights (int4 experts run faster on torch's packed kernel: small_batch, segment)"
-    if any(delta is not None for delta in low_rank_pair(mlp)):
+    delta_in, delta_out = low_rank_pair(mlp)
+    if delta_in is not None or delta_out is not None:
         return "experts without low-rank adapters"
     weights_dtype = torch.float32 if quantized else mlp.w_in.dtype
     if dtype != torch.float32 or weights_dtype != torch.float32:
@@ -266,9 +267,9 @@ def gemv_tokens(mlp, x_TD: Tensor, weights_TK: Tensor, experts_TK: Tensor) -> Te
     no backward: a call that needs gradients, or one in a forked child of a process that
     ran the kernel, runs the autograd form instead."""
     stacked = mlp.stacked_mlp
-    params = (mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out) if stacked else ()
     if not cpu_gemv.usable() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x_TD, weights_TK, *params))):
+            t is not None and t.requires_grad
+            for t in (x_TD, weights_TK, *((mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out) if stacked else ())))):
         flat_A = experts_TK.reshape(-1)
         counts_E = torch.bincount(flat_A, minlength=mlp.num_experts + 1)[:mlp.num_experts]
         order_R = torch.argsort(flat_A, stable=True)[:int(counts_E.sum())]  # expert E (not routed) sorts last
