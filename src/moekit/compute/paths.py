@@ -8,9 +8,9 @@ a token-choice plan in one pass, ``(experts, x_TD, plan, out_dtype) -> y_TD``, s
 the (R, D) row tensors; a dispatcher that holds the tokens locally runs it.
 
 The record says what the path needs (``missing``: None when it can run these experts
-on this input, else what is missing), whether its routed form runs from
-an unsorted plan (``reference_plan``: the loop reference, small_batch, gemv), its place in ``auto`` and the devices
-``moekit bench`` times it on. ``register_compute_path`` adds one; ``resolve_path``
+on this input, else what is missing), whether its routed form runs from an unsorted
+plan (``reference_plan``: the loop reference, small_batch, gemv), its place in ``auto``
+and the devices ``moekit bench`` times it on. ``register_compute_path`` adds one; ``resolve_path``
 turns a name (or ``"auto"``) into a record. A path asks the experts for the traits it
 needs (``stacked_mlp``), never for their class.
 
@@ -272,8 +272,8 @@ def _grouped_mm_pays(context: AutoContext) -> bool:
 
 # Up to this many tokens without gradients the numba decode kernel beats small_batch and
 # grouped_mm from experts of 0.75 MiB up (BENCHMARKS.md, "The gemv path"). auto takes it
-# for int8 experts (1.3-1.4x small_batch's packed int8 kernel at one token, from 128 x 256
-# experts up: benchmarks/quantized.py) and for float experts whose first projection takes
+# for int8 experts (1.27-1.43x small_batch's packed int8 kernel at one token on the standard
+# shape: benchmarks/quantized.py) and for float experts whose first projection takes
 # 256 KiB or more; smaller float experts (test-sized models) stay on the BLAS paths, whose sums
 # equal transformers' bitwise (the parity of converted models) and cost little there.
 GEMV_MAX_TOKENS = 64
