@@ -6,7 +6,10 @@ Part 1: the MoE layer at the standard shape (D = 512, F = 1024, E = 8, K = 2, Sw
 at decode sizes T = 1, 4, 16: forward time per call, no gradients, medians of
 interleaved rounds, on ``auto``'s path (and int8 also on ``small_batch``). Part 2 (with ``--run``): the run's language model generating 64
 tokens after a 32-token prompt, tokens/s per precision, and its validation loss
-(the run's validation split, 16 batches).
+(the run's validation split, 16 batches). Its last row, "experts free", is the float32
+model with its experts' computation taking no time (they return zeros; the router,
+attention, norms and the MoE layers' host work still run): the speed no expert
+format can exceed, so the bound on any quantization's speed-up there.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 
 from moekit import MoE, MoEConfig
 from moekit.apps.bench import median_times
+from moekit.experts.base import Experts
 from moekit.inference import quantize_model
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+EXPERTS_FREE = "experts free"
 INT8_SMALL_BATCH = "int8 (small_batch)"
 
 
@@ -76,19 +81,31 @@ def lm_table(run: str, repeats: int) -> list[dict]:
     batches = validation_batches(val, 16, model.config.context_length, 16)
     prompt = val[:32].view(1, -1)
     variants = {p: variant(model, p) for p in PRECISIONS}
-    speeds: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    speeds: dict[str, list[float]] = {p: [] for p in (*PRECISIONS, EXPERTS_FREE)}
+
+    def tokens_per_s(m) -> float:
+        start = time.perf_counter()
+        list(m.generate(prompt, 64, temperature=0))
+        return 64 / (time.perf_counter() - start)
+
     for _ in range(repeats):
         for p, m in variants.items():
-            start = time.perf_counter()
-            list(m.generate(prompt, 64, temperature=0))
-            speeds[p].append(64 / (time.perf_counter() - start))
+            speeds[p].append(tokens_per_s(m))
+        run = Experts.run
+        Experts.run = lambda self, compute, x, *args: x.new_zeros(x.shape[0], x.shape[-1])
+        try:
+            speeds[EXPERTS_FREE].append(tokens_per_s(variants["float32"]))
+        finally:
+            Experts.run = run
     losses = {p: evaluate(m, batches, "cpu") for p, m in variants.items()}
     base_speed, base_loss = statistics.median(speeds["float32"]), losses["float32"]
-    return [{"precision": p, "tokens_per_s": statistics.median(speeds[p]),
+    rows = [{"precision": p, "tokens_per_s": statistics.median(speeds[p]),
              "speedup_vs_float32": statistics.median(speeds[p]) / base_speed, "val_loss": losses[p],
              "loss_change_pct": 100 * (losses[p] / base_loss - 1), "weights_mib": weight_mib(variants[p]),
              "expert_mib": sum(weight_mib(layer.experts) for layer in variants[p].modules() if isinstance(layer, MoE))}
             for p in PRECISIONS]
+    free = statistics.median(speeds[EXPERTS_FREE])
+    return rows + [{"precision": EXPERTS_FREE, "tokens_per_s": free, "speedup_vs_float32": free / base_speed}]
 
 
 def main() -> None:
@@ -109,6 +126,9 @@ def main() -> None:
         print("| precision | tokens/s | × float32 speed | validation loss | change | model MiB | experts MiB |")
         print("|---|---|---|---|---|---|---|")
         for r in lm_table(args.run, args.repeats):
+            if r["precision"] == EXPERTS_FREE:
+                print(f"| {r['precision']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_float32']:.2f} | | | | |")
+                continue
             print(f"| {r['precision']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_float32']:.2f} | "
                   f"{r['val_loss']:.4f} | {r['loss_change_pct']:+.3f} % | {r['weights_mib']:.2f} | "
                   f"{r['expert_mib']:.2f} |")

@@ -317,3 +317,14 @@ def test_one_token_decoding_step_matches_loop(router, top_k):
     assert torch.equal(out.routing.tokens_per_expert_E, ref.routing.tokens_per_expert_E)
     assert out.routing.tokens_per_expert_E.sum() == top_k
     assert_close_dicts(grads, ref_grads)
+
+
+def test_a_call_without_the_auxiliary_loss_routes_and_computes_the_same():
+    torch.manual_seed(0)
+    moe = MoE(d_model=8, d_ff=16, num_experts=4, top_k=2, z_loss_coef=1e-3)
+    x = torch.randn(5, 8)
+    full, lean = moe(x), moe(x, aux_loss=False)
+    assert lean.aux_loss is None
+    assert torch.equal(lean.y, full.y)
+    losses = lean.routing.losses  # still there for monitoring, computed when read
+    torch.testing.assert_close(0.01 * losses["load_balance"] + 1e-3 * losses["z_loss"], full.aux_loss)

@@ -92,11 +92,11 @@ def _is_dtensor(tensor: Tensor) -> bool:
 
 class MoEOutput(NamedTuple):
     """y: same shape as the input; aux_loss: weighted sum of the losses (a scalar, zero
-    when every coefficient is zero); routing: what the call routed and dispatched
-    (``MoERouting``), with statistics."""
+    when every coefficient is zero; None from a call with ``aux_loss=False``); routing:
+    what the call routed and dispatched (``MoERouting``), with statistics."""
 
     y: Tensor
-    aux_loss: Tensor
+    aux_loss: Tensor | None
     routing: MoERouting
 
     @property
@@ -152,9 +152,11 @@ class MoE(nn.Module):
             self.force_routing(BalancedRouting())
         self.compute_path(torch.empty(0, config.d_model, device="meta"))  # a name error now, not at the first call
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, token_ids: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, token_ids: Tensor | None = None,
+                aux_loss: bool = True) -> MoEOutput:
         """x: (..., D); mask: optional bool (...) marking real tokens (False = padding);
-        token_ids: optional long (...) token ids, needed by routers that route by id (``hash``).
+        token_ids: optional long (...) token ids, needed by routers that route by id (``hash``);
+        aux_loss False skips the auxiliary loss (the output's is None), for inference.
 
         The second-to-last dim of x is the sequence (a 2-D x is one sequence): Soft MoE
         mixes tokens within a sequence, the sequence-wise balance loss averages over
@@ -178,7 +180,8 @@ class MoE(nn.Module):
         if self.config.check_finite and not bool(torch.isfinite(y_TD).all()):
             raise FloatingPointError(f"{self.name}: output contains NaN or Inf for a finite input (an expert overflowed)")
         dispatched, losses = self.dispatcher.report(routing, plan)
-        return MoEOutput(y_TD.view(x.shape), self._aux_loss(losses, x_TD), MoERouting(routing, dispatched, losses))
+        aux = self._aux_loss(losses, x_TD) if aux_loss else None
+        return MoEOutput(y_TD.view(x.shape), aux, MoERouting(routing, dispatched, losses))
 
     def compute_path(self, x_TD: Tensor) -> ComputePath:
         """The compute path this layer runs for input ``x_TD`` (``config.compute``, or ``auto``'s pick)."""

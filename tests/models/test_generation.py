@@ -128,3 +128,23 @@ def test_generate_refuses_right_padding_and_a_mask_of_another_shape():
         cache = KVCache(len(model.blocks))
         model(torch.randint(0, V, (1, 16)), cache=cache)
         model(torch.randint(0, V, (1, 1)), cache=cache)
+
+
+def test_a_forward_without_the_auxiliary_loss_gives_the_same_logits_and_generate_skips_it(monkeypatch):
+    from moekit import MoE
+
+    model = _model()
+    idx = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        full, lean = model(idx), model(idx, aux_loss=False)
+    assert full.aux_loss.item() > 0 and lean.aux_loss is None
+    assert torch.equal(lean.logits, full.logits)
+    assert [r.indices_TK.tolist() for r in lean.routings] == [
+        r.indices_TK.tolist() for r in full.routings]
+    expected = _tokens(model, idx, 5, temperature=0)
+
+    def unwanted(*args):  # nothing in a generation step reads the loss
+        raise AssertionError("generate computed an auxiliary loss")
+
+    monkeypatch.setattr(MoE, "_aux_loss", unwanted)
+    assert torch.equal(_tokens(model, idx, 5, temperature=0), expected)

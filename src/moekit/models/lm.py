@@ -214,25 +214,25 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
-    def forward(self, x: Tensor, attend: Attend, idx: Tensor, layer: int = 0
+    def forward(self, x: Tensor, attend: Attend, idx: Tensor, layer: int = 0, aux_loss: bool = True
                 ) -> tuple[Tensor, Tensor | None, MoERouting | None]:
         x = x + self.attn(self.norm_attn(x), attend, layer)
         h = self.norm_ffn(x)
         if not self.is_moe:
             return x + self.ffn(h), None, None
         extra = {"token_ids": idx} if self.ffn.router.needs_token_ids else {}
-        out = self.ffn(h, mask=attend.real_BS, **extra)
+        out = self.ffn(h, mask=attend.real_BS, aux_loss=aux_loss, **extra)
         return x + out.y, out.aux_loss, out.routing
 
 
 class LMOutput(NamedTuple):
     """logits (B, S, V); loss: mean cross-entropy (None without targets);
-    aux_loss: the MoE layers' weighted auxiliary losses, summed (0 for a dense model);
-    routings: one ``MoERouting`` per MoE block, in order."""
+    aux_loss: the MoE layers' weighted auxiliary losses, summed (0 for a dense model; None
+    from ``forward(..., aux_loss=False)``); routings: one ``MoERouting`` per MoE block, in order."""
 
     logits: Tensor
     loss: Tensor | None
-    aux_loss: Tensor
+    aux_loss: Tensor | None
     routings: list[MoERouting]
 
 
@@ -286,10 +286,11 @@ class LanguageModel(nn.Module):
         return total
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> LMOutput:
+                cache: KVCache | None = None, aux_loss: bool = True) -> LMOutput:
         """idx (B, S) the new tokens; attention_mask: optional bool (B, past + S) marking real
         tokens of the whole sequence, padding on the left; cache: the keys and values of
-        the ``past`` tokens before idx, extended in place."""
+        the ``past`` tokens before idx, extended in place; aux_loss False skips the MoE
+        layers' auxiliary losses (``generate`` does: a fifth of a decode step on the demo's model)."""
         B, S = idx.size()  # batch size, sequence length
         past = 0 if cache is None else cache.length
         if past + S > self.config.context_length:
@@ -298,22 +299,23 @@ class LanguageModel(nn.Module):
         x = self.embed(idx)  # (B, S, D)
         # Losses in float32 at least (float64 models keep float64, for exact tests).
         loss_dtype = torch.promote_types(x.dtype, torch.float32)
-        aux_loss = x.new_zeros((), dtype=loss_dtype)
+        total_aux = x.new_zeros((), dtype=loss_dtype) if aux_loss else None
         routings = []
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.blocks):
             if recompute:  # keep only each block's input; backward runs the block again
-                x, block_aux, routing = checkpoint(block, x, attend, idx, layer, use_reentrant=False)
+                x, block_aux, routing = checkpoint(block, x, attend, idx, layer, aux_loss, use_reentrant=False)
             else:
-                x, block_aux, routing = block(x, attend, idx, layer)
+                x, block_aux, routing = block(x, attend, idx, layer, aux_loss)
             if routing is not None:
-                aux_loss = aux_loss + block_aux
+                if aux_loss:
+                    total_aux = total_aux + block_aux
                 routings.append(routing)
         logits = self.head(self.norm_out(x))  # (B, S, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.to(loss_dtype).view(-1, logits.size(-1)), targets.reshape(-1))
-        return LMOutput(logits, loss, aux_loss, routings)
+        return LMOutput(logits, loss, total_aux, routings)
 
     def _attend(self, S: int, past: int, attention_mask: Tensor | None, cache: KVCache | None) -> Attend:
         if attention_mask is None:
@@ -374,10 +376,10 @@ class LanguageModel(nn.Module):
                 # Run the window afresh: the prompt, each step without a cache, or a full cache.
                 cache = KVCache(len(self.blocks)) if use_cache else None
                 window_mask = None if mask is None else mask[:, -C:]
-                logits = self(idx[:, -C:], attention_mask=window_mask, cache=cache).logits[:, -1, :]
+                logits = self(idx[:, -C:], attention_mask=window_mask, cache=cache, aux_loss=False).logits[:, -1, :]
             else:
                 step_mask = None if mask is None else mask[:, -(cache.length + 1):]
-                logits = self(idx[:, -1:], attention_mask=step_mask, cache=cache).logits[:, -1, :]
+                logits = self(idx[:, -1:], attention_mask=step_mask, cache=cache, aux_loss=False).logits[:, -1, :]
             logits = logits.float()  # (B, V)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
