@@ -290,7 +290,7 @@ class LanguageModel(nn.Module):
         """idx (B, S) the new tokens; attention_mask: optional bool (B, past + S) marking real
         tokens of the whole sequence, padding on the left; cache: the keys and values of
         the ``past`` tokens before idx, extended in place; aux_loss False skips the MoE
-        layers' auxiliary losses (``generate`` does: a fifth of a decode step on the demo's model)."""
+        layers' auxiliary losses (``generate`` does: nothing in a decoding step reads them)."""
         B, S = idx.size()  # batch size, sequence length
         past = 0 if cache is None else cache.length
         if past + S > self.config.context_length:
