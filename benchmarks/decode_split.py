@@ -11,10 +11,13 @@ without gradients at T = 1, 4 and 16 tokens, as ``moekit bench``'s decode case r
 - ``kernel``: ``cpu_gemv.decode_mlp`` alone on the same routing (the experts' MLP);
 - ``read``: a sum over the reached experts' weights (one torch call per projection and
   expert), the time to read those bytes with no arithmetic to speak of;
+- ``host alone``: the layer with the kernel replaced by one returning zeros, so that no
+  weight streams through the caches between one call's host work and the next's;
 - ``copy``: the copy bandwidth ``moekit bench`` divides by.
 
-``layer − kernel`` is the host work around the kernel; ``kernel / read`` how far the
-kernel is from reading its weights at the rate a plain sum does. ``--count`` prints
+``layer − kernel`` is the host work around the kernel; set against ``host alone`` it
+shows what the weights streaming through the caches cost that work. ``kernel / read``
+is how far the kernel is from reading its weights at the rate a plain sum does. ``--count`` prints
 instead what one call at T = 1 does on the host, a measure that the machine's load
 does not move: the tensor operations dispatched, and the Python and builtin function
 calls made.
@@ -56,8 +59,17 @@ def _split(moe: MoE, x: torch.Tensor, repeats: int, calls: int) -> tuple[dict[st
                 w_in[e].sum()
                 w_out[e].sum()
 
+        def host_alone():
+            decode_mlp = cpu_gemv.decode_mlp
+            cpu_gemv.decode_mlp = lambda x_TD, *args: torch.zeros(x_TD.shape)
+            try:
+                return moe(x)
+            finally:
+                cpu_gemv.decode_mlp = decode_mlp
+
         torch.testing.assert_close(kernel(), out.y, rtol=1e-5, atol=1e-5)
-        times = median_times({"layer": lambda: moe(x), "kernel": kernel, "read": read}, repeats, calls=calls)
+        times = median_times({"layer": lambda: moe(x), "kernel": kernel, "read": read, "host_alone": host_alone},
+                             repeats, calls=calls)
     return {name: statistics.median(t) for name, t in times.items()}, reached
 
 
@@ -122,12 +134,13 @@ def main() -> None:
         write_json(args.json, counts)
         return
     result = measure(args.repeats)
-    print("| T | experts | MiB | layer µs | kernel µs | host µs (layer − kernel) | read µs | copy GB/s "
-          "| fraction of copy: layer / kernel / read |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| T | experts | MiB | layer µs | kernel µs | host µs (layer − kernel) | host alone µs | read µs "
+          "| copy GB/s | fraction of copy: layer / kernel / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(f"| {r['tokens']} | {r['experts_reached']} | {r['weight_mib']:.0f} | {r['layer_us']:.0f} "
-              f"| {r['kernel_us']:.0f} | {r['host_us']:.0f} | {r['read_us']:.0f} | {r['copy_gb_s']:.1f} "
+              f"| {r['kernel_us']:.0f} | {r['host_us']:.0f} | {r['host_alone_us']:.0f} | {r['read_us']:.0f} "
+              f"| {r['copy_gb_s']:.1f} "
               f"| {r['layer_fraction_of_copy']:.2f} / {r['kernel_fraction_of_copy']:.2f} / "
               f"{r['read_fraction_of_copy']:.2f} |")
     write_json(args.json, result)
