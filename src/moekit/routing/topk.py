@@ -73,7 +73,7 @@ class TopKRouter(GateRouter):
 
     def route(self, logits_TE: Tensor, x_TD: Tensor, valid_T: Tensor | None, sequence_length) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
-        if self.replayed_TK is None:
+        if self.replayed_TK is None:  # choose()'s top K, whose values are the weights: no gather
             weights_TK, indices_TK = probs_TE.topk(self.top_k, dim=-1)
         else:
             indices_TK = self.choose(probs_TE, self.top_k)
